@@ -1,0 +1,190 @@
+"""`mlm_cross_entropy`: linear layer + softmax cross-entropy without full logits.
+
+The forward custom op returns per-row losses and the log-sum-exp; the
+reduction is ordinary torch code outside it, so kernels only see per-row
+gradient weights. Backends: `triton` (logit tiles on chip, online
+log-sum-exp), `cuda` and `cpu` (vocabulary chunks: torch matmul into one
+reused buffer, then a compiled pass), `torch` (dense logits, the reference).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastmlm.ops.checks import (
+    FLOAT_DTYPES,
+    REFERENCE_FLOAT_DTYPES,
+    check_index_range,
+    check_same_device,
+    check_tensor,
+    value_checks_enabled,
+)
+from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not, dtype_why_not, triton_why_not
+from fastmlm.ops.registration import register_autocast
+from fastmlm.reference import cross_entropy as reference
+
+MLM_CROSS_ENTROPY = BackendTable("mlm_cross_entropy")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _triton_why_not(device_type, hidden, *args) -> Optional[str]:
+    return triton_why_not(device_type) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
+
+
+def _compiled_on(device: str):
+    def why_not(device_type, hidden, *args) -> Optional[str]:
+        if device_type != device:
+            return f"serves {device} tensors, not {device_type}"
+        return compiled_why_not(device_type) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
+
+    return why_not
+
+
+def _triton_forward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.triton import cross_entropy as kernel
+
+    return kernel.cross_entropy_forward(hidden, weight, bias, targets, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _triton_backward(grad, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.triton import cross_entropy as kernel
+
+    return kernel.cross_entropy_backward(grad, hidden, weight, bias, targets, lse, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, z_loss=z_loss,
+                                         deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def _compiled_forward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.compiled import cross_entropy as kernel
+
+    return kernel.cross_entropy_forward(hidden, weight, bias, targets, ignore_index=ignore_index,
+                                        label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _compiled_backward(grad, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.compiled import cross_entropy as kernel
+
+    return kernel.cross_entropy_backward(grad, hidden, weight, bias, targets, lse, ignore_index=ignore_index,
+                                         label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _reference_forward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    return reference.cross_entropy_forward(hidden, weight, bias, targets, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _reference_backward(grad, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss):
+    return reference.cross_entropy_backward(grad, hidden, weight, bias, targets, lse, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+MLM_CROSS_ENTROPY.register(Backend("triton", _triton_why_not, _triton_forward, _triton_backward))
+for _device in ("cuda", "cpu"):
+    MLM_CROSS_ENTROPY.register(Backend(_device, _compiled_on(_device), _compiled_forward, _compiled_backward))
+MLM_CROSS_ENTROPY.register(Backend("torch", lambda *a: None, _reference_forward, _reference_backward))
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastmlm::mlm_cross_entropy", mutates_args=())
+def _forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss)
+    return MLM_CROSS_ENTROPY.choose(hidden.device.type, *args).forward(*args)
+
+
+@_forward_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    rows = hidden.shape[0]
+    dtype = _stat_dtype(hidden.dtype)
+    return hidden.new_empty(rows, dtype=dtype), hidden.new_empty(rows, dtype=dtype)
+
+
+@torch.library.custom_op("fastmlm::mlm_cross_entropy_backward", mutates_args=())
+def _backward_op(grad_row_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                 z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (grad_row_loss, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss)
+    d_hidden, d_weight, d_bias = MLM_CROSS_ENTROPY.choose(hidden.device.type, hidden).backward(*args)
+    # A custom op cannot return None: an empty tensor stands for "no bias".
+    return d_hidden, d_weight, (hidden.new_empty(0) if d_bias is None else d_bias)
+
+
+@_backward_op.register_fake
+def _(grad_row_loss, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss):
+    return torch.empty_like(hidden), torch.empty_like(weight), (hidden.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    ctx.options = (ignore_index, label_smoothing, z_loss)
+
+
+def _backward(ctx, grad_row_loss, grad_lse):
+    # grad_lse is always zero: the public function hands lse out detached.
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    d_hidden, d_weight, d_bias = _backward_op(grad_row_loss.contiguous(), hidden, weight, bias, targets, lse, *ctx.options)
+    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_forward_op)
+
+
+def mlm_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
+):
+    """`F.cross_entropy(hidden @ weight.T + bias, targets)` (+ z_loss * lse**2), without `[M, V]` logits.
+
+    `mean` divides by the number of targets that are not `ignore_index`; with
+    none, the loss is 0 and every gradient is 0. See docs/ops.md.
+    """
+    check_tensor("hidden", hidden, ndim=2, dtypes=REFERENCE_FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("targets", targets, ndim=1, dtypes=(torch.int64,))
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+                        + ("" if bias is None else f", {bias.dtype}"))
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {hidden.shape[1]}] to match hidden")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} entries but hidden has {hidden.shape[0]} rows")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries, weight has {weight.shape[0]} rows")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
+    if value_checks_enabled(targets):
+        labelled = torch.where(targets == ignore_index, 0, targets)
+        check_index_range("targets", labelled, weight.shape[0], what="vocabulary entries")
+
+    row_loss, lse = _forward_op(hidden, weight, bias, targets, int(ignore_index), float(label_smoothing), float(z_loss))
+    if reduction == "none":
+        loss = row_loss
+    elif reduction == "sum":
+        loss = row_loss.sum()
+    else:
+        count = (targets != ignore_index).sum()
+        loss = row_loss.sum() / count.clamp(min=1).to(row_loss.dtype)
+    # lse is handed out detached: the kernels' backward takes no gradient through it.
+    return (loss, lse.detach()) if return_lse else loss

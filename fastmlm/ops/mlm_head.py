@@ -1,0 +1,231 @@
+"""`mlm_head`: BERT's MLM head (dense, erf-GELU, LayerNorm, decoder) and its loss on
+the masked rows `index` of `hidden_all` only (docs/ops.md `mlm_head`).
+
+The forward custom op returns the per-row losses, the log-sum-exp and the small
+[M, H] activations a fused backward needs (pre-GELU, post-GELU, LayerNorm output,
+LayerNorm mean and rstd); every backend's forward produces the same set, so the
+backward may pick a different backend than the forward did. Reduction is plain
+torch outside the op, as for `mlm_cross_entropy`. Backends: `triton` (gathered
+GEMM + GELU epilogue, LayerNorm kernel, streamed cross-entropy; no [M, V] logits)
+and `torch` (the reference; backward by autograd recomputation).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastmlm.ops.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    REFERENCE_FLOAT_DTYPES,
+    check_index_range,
+    check_same_device,
+    check_tensor,
+    value_checks_enabled,
+)
+from fastmlm.ops.cross_entropy import REDUCTIONS
+from fastmlm.ops.dispatch import Backend, BackendTable, dtype_why_not, recompute_backward, triton_why_not
+from fastmlm.ops.registration import register_autocast
+from fastmlm.reference import mlm_head as reference
+
+MLM_HEAD = BackendTable("mlm_head")
+# The Triton LayerNorm kernels hold one whole row in registers.
+TRITON_MAX_HIDDEN = 16384
+
+
+def _triton_why_not(device_type, hidden_all, *args) -> Optional[str]:
+    reason = triton_why_not(device_type) or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES)
+    if reason is None and hidden_all.shape[1] > TRITON_MAX_HIDDEN:
+        reason = f"hidden size {hidden_all.shape[1]} > {TRITON_MAX_HIDDEN} (LayerNorm row must fit one block)"
+    return reason
+
+
+def _triton_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                    decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.triton import mlm_head as kernel
+
+    return kernel.mlm_head_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
+                                   decoder_weight, decoder_bias, targets, layer_norm_eps=layer_norm_eps,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _triton_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                     decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps,
+                     ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.triton import mlm_head as kernel
+
+    return kernel.mlm_head_backward(grad, hidden_all, index, dense_weight, norm_weight, decoder_weight,
+                                    decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse,
+                                    ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                                    deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def _reference_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                       decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
+    return reference.mlm_head_forward_saved(
+        hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
+        targets, layer_norm_eps=layer_norm_eps, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss)
+
+
+def _reference_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                        decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps,
+                        ignore_index, label_smoothing, z_loss):
+    def row_loss(hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias):
+        return reference.mlm_head_forward(
+            hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
+            targets, layer_norm_eps=layer_norm_eps, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss)[0]
+
+    inputs = [hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias]
+    return tuple(recompute_backward(row_loss, inputs, [t is not None for t in inputs], [grad]))
+
+
+MLM_HEAD.register(Backend("triton", _triton_why_not, _triton_forward, _triton_backward))
+MLM_HEAD.register(Backend("torch", lambda *a: None, _reference_forward, _reference_backward))
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastmlm::mlm_head", mutates_args=())
+def _forward_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torch.Tensor, dense_bias: torch.Tensor,
+                norm_weight: torch.Tensor, norm_bias: torch.Tensor, decoder_weight: torch.Tensor,
+                decoder_bias: Optional[torch.Tensor], targets: torch.Tensor, layer_norm_eps: float,
+                ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, ...]:
+    args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
+            targets, layer_norm_eps, ignore_index, label_smoothing, z_loss)
+    outputs = MLM_HEAD.choose(hidden_all.device.type, *args).forward(*args)
+    # Outputs of a custom op may not alias its inputs or each other.
+    return tuple(t.contiguous() for t in outputs)
+
+
+@_forward_op.register_fake
+def _(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias, targets,
+      layer_norm_eps, ignore_index, label_smoothing, z_loss):
+    rows, hidden = index.shape[0], hidden_all.shape[1]
+    stat = _stat_dtype(hidden_all.dtype)
+    per_row = [hidden_all.new_empty(rows, dtype=stat) for _ in range(2)]
+    activations = [hidden_all.new_empty(rows, hidden) for _ in range(3)]
+    ln_stats = [hidden_all.new_empty(rows, dtype=stat) for _ in range(2)]
+    return (*per_row, *activations, *ln_stats)
+
+
+@torch.library.custom_op("fastmlm::mlm_head_backward", mutates_args=())
+def _backward_op(grad_row_loss: torch.Tensor, hidden_all: torch.Tensor, index: torch.Tensor,
+                 dense_weight: torch.Tensor, dense_bias: torch.Tensor, norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, decoder_weight: torch.Tensor, decoder_bias: Optional[torch.Tensor],
+                 targets: torch.Tensor, pre: torch.Tensor, act: torch.Tensor, normed: torch.Tensor,
+                 ln_mean: torch.Tensor, ln_rstd: torch.Tensor, lse: torch.Tensor, layer_norm_eps: float,
+                 ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, ...]:
+    args = (grad_row_loss, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+            decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps, ignore_index,
+            label_smoothing, z_loss)
+    grads = MLM_HEAD.choose(hidden_all.device.type, hidden_all).backward(*args)
+    # A custom op cannot return None: an empty tensor stands for "no decoder bias".
+    return (*grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
+
+
+@_backward_op.register_fake
+def _(grad_row_loss, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+      decoder_bias, *rest):
+    like = [hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight]
+    return (*[torch.empty_like(t) for t in like],
+            hidden_all.new_empty(0) if decoder_bias is None else torch.empty_like(decoder_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias, targets,
+     layer_norm_eps, ignore_index, label_smoothing, z_loss) = inputs
+    row_loss, lse, pre, act, normed, ln_mean, ln_rstd = output
+    ctx.save_for_backward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                          decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse)
+    ctx.options = (layer_norm_eps, ignore_index, label_smoothing, z_loss)
+    ctx.has_decoder_bias = decoder_bias is not None
+
+
+def _backward(ctx, grad_row_loss, *unused_grads):
+    # Only row_loss carries gradient: the public function never hands out the others.
+    saved = ctx.saved_tensors
+    grads = _backward_op(grad_row_loss.contiguous(), *saved, *ctx.options)
+    d_hidden_all, d_dense_weight, d_dense_bias, d_norm_weight, d_norm_bias, d_decoder_weight, d_decoder_bias = grads
+    return (d_hidden_all, None, d_dense_weight, d_dense_bias, d_norm_weight, d_norm_bias, d_decoder_weight,
+            d_decoder_bias if ctx.has_decoder_bias else None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_forward_op)
+
+
+def mlm_head(
+    hidden_all: torch.Tensor,
+    index: torch.Tensor,
+    dense_weight: torch.Tensor,
+    dense_bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    decoder_weight: torch.Tensor,
+    decoder_bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    layer_norm_eps: float = 1e-12,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+):
+    """BERT's MLM head and cross-entropy on rows `index` of `hidden_all [N, H]`.
+
+    dense_weight [H, H], dense_bias/norm_weight/norm_bias [H], decoder_weight [V, H],
+    decoder_bias [V] or None, targets int64 [M] (one per row of `index`). Reductions as
+    `mlm_cross_entropy`: `mean` over non-ignored targets (0 if none). See docs/ops.md.
+    """
+    check_tensor("hidden_all", hidden_all, ndim=2, dtypes=REFERENCE_FLOAT_DTYPES)
+    check_tensor("index", index, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor("targets", targets, ndim=1, dtypes=(torch.int64,))
+    hidden = hidden_all.shape[1]
+    expected = {"dense_weight": (dense_weight, (hidden, hidden)), "dense_bias": (dense_bias, (hidden,)),
+                "norm_weight": (norm_weight, (hidden,)), "norm_bias": (norm_bias, (hidden,))}
+    for name, (t, shape) in expected.items():
+        check_tensor(name, t)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape} for hidden size {hidden}")
+    check_tensor("decoder_weight", decoder_weight, ndim=2)
+    if decoder_weight.shape[1] != hidden:
+        raise ValueError(f"decoder_weight has shape {tuple(decoder_weight.shape)}, expected [V, {hidden}]")
+    if decoder_bias is not None:
+        check_tensor("decoder_bias", decoder_bias, ndim=1)
+        if decoder_bias.shape[0] != decoder_weight.shape[0]:
+            raise ValueError(f"decoder_bias has {decoder_bias.shape[0]} entries, decoder_weight has "
+                             f"{decoder_weight.shape[0]} rows")
+    floats = dict(dense_weight=dense_weight, dense_bias=dense_bias, norm_weight=norm_weight, norm_bias=norm_bias,
+                  decoder_weight=decoder_weight, decoder_bias=decoder_bias)
+    for name, t in floats.items():
+        if t is not None and t.dtype != hidden_all.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, hidden_all has {hidden_all.dtype}: they must match")
+    if targets.shape[0] != index.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} entries but index selects {index.shape[0]} rows")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_same_device(hidden_all=hidden_all, index=index, targets=targets, **floats)
+    check_index_range("index", index, hidden_all.shape[0])
+    if value_checks_enabled(targets):
+        labelled = torch.where(targets == ignore_index, 0, targets)
+        check_index_range("targets", labelled, decoder_weight.shape[0], what="vocabulary entries")
+
+    outputs = _forward_op(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                          decoder_bias, targets, float(layer_norm_eps), int(ignore_index), float(label_smoothing),
+                          float(z_loss))
+    row_loss = outputs[0]
+    if reduction == "none":
+        return row_loss
+    if reduction == "sum":
+        return row_loss.sum()
+    count = (targets != ignore_index).sum()
+    return row_loss.sum() / count.clamp(min=1).to(row_loss.dtype)

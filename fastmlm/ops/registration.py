@@ -1,0 +1,37 @@
+"""Autocast rules for fastmlm's custom ops.
+
+`torch.library.register_autocast` casts to one dtype fixed at registration,
+but autocast's dtype is the user's choice per region (bf16 or fp16 on CUDA,
+bf16 on CPU). This registers the same kind of rule that reads the region's
+dtype at call time: floating tensors on the autocast device are cast to it,
+then the op runs with autocast excluded, as for `torch.nn.functional.linear`.
+"""
+from __future__ import annotations
+
+import torch
+
+_AUTOCAST_KEYS = {"cuda": "AutocastCUDA", "cpu": "AutocastCPU"}
+_lib = torch.library.Library("fastmlm", "FRAGMENT")
+
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+        return value.to(dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def register_autocast(op_def, device_types=("cuda", "cpu")) -> None:
+    """Make `op_def` (a torch.library.custom_op) run in the autocast dtype."""
+    name = op_def._name  # the op's name within the `fastmlm` namespace
+    for device_type in device_types:
+        key = _AUTOCAST_KEYS[device_type]
+        keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, _device_type=device_type, _exclude=keyset):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch._C._ExcludeDispatchKeyGuard(_exclude):
+                return op_def._opoverload(*_cast(args, _device_type, dtype))
+
+        _lib.impl(name, kernel, key, with_keyset=True)
