@@ -58,6 +58,10 @@ class Backend:
 
 _local = threading.local()
 
+# Every op family's table by name (the family name is also its custom op's
+# name, `fastmlm::<family>`): the tests and `fastmlm info` enumerate these.
+TABLES: dict[str, "BackendTable"] = {}
+
 
 def _forced_stack() -> list[tuple[str, Optional[str]]]:
     if not hasattr(_local, "stack"):
@@ -104,6 +108,7 @@ class BackendTable:
     def __init__(self, family: str):
         self.family = family
         self.backends: dict[str, Backend] = {}
+        TABLES[family] = self
 
     def register(self, backend: Backend) -> Backend:
         if backend.name not in BACKEND_NAMES:
@@ -178,8 +183,10 @@ def triton_why_not(device_type: str) -> Optional[str]:
 
 def compiled_why_not(device_type: str) -> Optional[str]:
     """Why fastmlm._C cannot serve tensors of this device type."""
-    from fastmlm import _ext
-
+    try:
+        from fastmlm import _ext
+    except ImportError as exc:
+        return f"fastmlm._ext cannot be imported ({exc})"
     error = _ext.load_error()
     if error is not None:
         return f"fastmlm._C is not available ({error})"

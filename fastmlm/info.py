@@ -1,0 +1,81 @@
+"""`fastmlm info`: what this install has and which backend each op would pick."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+import fastmlm
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as exc:  # not installed, or broken
+        return f"unavailable ({type(exc).__name__}: {exc})"
+
+
+def _sample_calls():
+    """(table, meta-tensor arguments of its forward op) per op family.
+
+    Meta tensors carry shape and dtype without memory, which is all a
+    backend's `why_not` reads, so the choice for CUDA tensors is shown even
+    on a machine without a GPU.
+    """
+    from fastmlm.ops.attention import ATTENTION
+    from fastmlm.ops.cross_entropy import MLM_CROSS_ENTROPY
+    from fastmlm.ops.gather import GATHER_ROWS
+    from fastmlm.ops.masking import MASK_TOKENS, MASKED_POSITIONS
+
+    meta = dict(device="meta")
+    ids = torch.empty(8, 128, dtype=torch.int64, **meta)
+    hidden = torch.empty(150, 768, dtype=torch.bfloat16, **meta)
+    weight = torch.empty(30522, 768, dtype=torch.bfloat16, **meta)
+    qkv = torch.empty(1024, 12, 64, dtype=torch.bfloat16, **meta)
+    cu = torch.empty(9, dtype=torch.int32, **meta)
+    calls = [
+        (MASK_TOKENS, (ids, None, None, 103, 30522, 0.15, 0, False)),
+        (MASKED_POSITIONS, (ids, -100, 1024)),
+        (GATHER_ROWS, (hidden, torch.empty(150, dtype=torch.int64, **meta))),
+        (MLM_CROSS_ENTROPY, (hidden, weight, None, torch.empty(150, dtype=torch.int64, **meta), -100, 0.0, 0.0)),
+        (ATTENTION, (qkv, qkv, qkv, cu, cu, 128, 128, False, 0.125, 0.0, 0)),
+    ]
+    try:
+        from fastmlm.ops.mlm_head import sample_call
+    except ImportError:
+        pass
+    else:
+        calls.append(sample_call(meta))
+    return calls
+
+
+def report() -> str:
+    from fastmlm import _ext
+    from fastmlm.ops.dispatch import BackendUnavailable
+
+    lines = [
+        f"fastmlm {fastmlm.__version__} (python {platform.python_version()})",
+        f"torch {torch.__version__}, triton {_version('triton')}",
+    ]
+    error = _ext.load_error()
+    lines.append("fastmlm._C: " + ("loaded" if error is None else f"not loaded ({error})"))
+    if error is None:
+        lines.append("CUDA kernels compiled in: " + ("yes" if _ext.has_cuda_kernels() else "no"))
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    else:
+        lines.append("GPU: none visible to torch")
+    lines.append("backend per op (bf16/int64 BERT-base shapes):")
+    for table, args in _sample_calls():
+        for device in ("cpu", "cuda"):
+            try:
+                chosen = table.choose(device, *args).name
+            except BackendUnavailable:
+                chosen = "none"
+            skipped = [f"{name}: {reason}" for name, reason in table.reasons(device, *args).items()
+                       if reason is not None and name != chosen]
+            lines.append(f"  {table.family:<18} {device:<5} -> {chosen}")
+            for reason in skipped:
+                lines.append(f"  {'':<18} {'':<5}    not {reason}")
+    return "\n".join(lines)

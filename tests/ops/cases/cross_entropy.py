@@ -1,0 +1,40 @@
+"""Cases for mlm_cross_entropy: value and the gradients of hidden, weight and bias."""
+import torch
+
+from fastmlm.ops import mlm_cross_entropy
+from tests.ops.harness import OpCase
+
+
+def ce_case(name, rows, hidden_size, vocab, *, bias=True, ignored=0.2, reduction="mean", label_smoothing=0.0,
+            z_loss=0.0, scale=1.0, strided=False):
+    def build(device, dtype, generator):
+        width = hidden_size * 2 if strided else hidden_size
+        hidden = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+        hidden = hidden[:, :hidden_size] if strided else hidden
+        weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (scale / hidden_size**0.5)
+        b = torch.randn(vocab, generator=generator, dtype=torch.float64) if bias else None
+        targets = torch.randint(0, vocab, (rows,), generator=generator)
+        targets = torch.where(torch.rand(rows, generator=generator) < ignored, -100, targets)
+        return {"hidden": hidden.to(dtype).to(device), "weight": weight.to(dtype).to(device),
+                "bias": None if b is None else b.to(dtype).to(device), "targets": targets.to(device)}
+
+    def call(hidden, weight, bias, targets):
+        return mlm_cross_entropy(hidden, weight, targets, bias, reduction=reduction, label_smoothing=label_smoothing,
+                                 z_loss=z_loss, return_lse=True)
+
+    return OpCase("mlm_cross_entropy", name, build, call, grads=("hidden", "weight", "bias"))
+
+
+CASES = [
+    ce_case("one-row", 1, 16, 37, ignored=0.0),
+    ce_case("odd-vocab", 9, 24, 101),
+    ce_case("no-bias-sum", 6, 16, 70, bias=False, reduction="sum"),
+    ce_case("none-reduction", 7, 16, 50, reduction="none"),
+    ce_case("all-ignored", 5, 16, 40, ignored=1.0),
+    ce_case("empty", 0, 16, 40),
+    ce_case("label-smoothing", 8, 32, 90, label_smoothing=0.1),
+    ce_case("z-loss", 8, 32, 90, z_loss=1e-3),
+    ce_case("large-logits", 6, 16, 64, scale=300.0),
+    ce_case("strided-hidden", 10, 16, 45, strided=True),
+    ce_case("wide-vocab", 17, 32, 700, label_smoothing=0.05, z_loss=1e-4),
+]
