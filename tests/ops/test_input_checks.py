@@ -1,0 +1,80 @@
+"""Bad input raises a clear Python error before any kernel is launched."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastmlm.ops import attention, gather_rows, mask_tokens, masked_positions, mlm_cross_entropy, no_value_checks
+
+
+class NoCustomOpCalled(TorchDispatchMode):
+    """Fails the test if any fastmlm custom op (hence any kernel) is reached."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert not func._schema.name.startswith("fastmlm::"), f"{func} ran before the input was rejected"
+        return func(*args, **(kwargs or {}))
+
+
+def rejects(exc, match, fn, *args, **kwargs):
+    with NoCustomOpCalled(), pytest.raises(exc, match=match):
+        fn(*args, **kwargs)
+
+
+def _qkv(total=6, heads=2, dim=8, dtype=torch.float32):
+    return [torch.randn(total, heads, dim, dtype=dtype) for _ in range(3)]
+
+
+def test_gather_rows_checks():
+    x = torch.randn(5, 4)
+    rejects(IndexError, "outside \\[0, 5\\)", gather_rows, x, torch.tensor([0, 5]))
+    rejects(IndexError, "-1", gather_rows, x, torch.tensor([-1]))
+    rejects(TypeError, "index must have dtype", gather_rows, x, torch.tensor([0.0]))
+    rejects(ValueError, "2 dimensions", gather_rows, torch.randn(5), torch.tensor([0]))
+    rejects(TypeError, "x must have dtype", gather_rows, torch.ones(5, 4, dtype=torch.int64), torch.tensor([0]))
+
+
+def test_cross_entropy_checks():
+    h, w, b = torch.randn(3, 8), torch.randn(10, 8), torch.randn(10)
+    t = torch.tensor([1, 2, -100])
+    rejects(IndexError, "targets contains 10", mlm_cross_entropy, h, w, torch.tensor([1, 10, -100]), b)
+    rejects(IndexError, "targets contains -5", mlm_cross_entropy, h, w, torch.tensor([1, -5, -100]), b)
+    rejects(ValueError, "expected \\[V, 8\\]", mlm_cross_entropy, h, torch.randn(10, 7), t, b)
+    rejects(ValueError, "targets has 2 entries", mlm_cross_entropy, h, w, t[:2], b)
+    rejects(ValueError, "bias has 9", mlm_cross_entropy, h, w, t, torch.randn(9))
+    rejects(TypeError, "share a dtype", mlm_cross_entropy, h, w.half(), t, b)
+    rejects(TypeError, "targets must have dtype int64", mlm_cross_entropy, h, w, t.int(), b)
+    rejects(ValueError, "reduction", mlm_cross_entropy, h, w, t, b, reduction="avg")
+    rejects(ValueError, "label_smoothing", mlm_cross_entropy, h, w, t, b, label_smoothing=1.5)
+
+
+def test_attention_checks():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    rejects(ValueError, "end at the total", attention, q, k, v, torch.tensor([0, 2, 5], dtype=torch.int32), 4)
+    rejects(ValueError, "non-decreasing", attention, q, k, v, torch.tensor([0, 4, 2, 6], dtype=torch.int32), 4)
+    rejects(ValueError, "more than max_seqlen=3", attention, q, k, v, cu, 3)
+    rejects(TypeError, "cu_seqlens must have dtype int32", attention, q, k, v, cu.long(), 4)
+    rejects(TypeError, "share a dtype", attention, q, k.half(), v, cu, 4)
+    rejects(ValueError, "shapes do not fit", attention, q, k[:, :1], v, cu, 4)
+    rejects(ValueError, "pass cu_seqlens_k", attention, q, k[:5], v[:5], cu, 4)
+    rejects(ValueError, "dropout_p", attention, q, k, v, cu, 4, dropout_p=1.0)
+
+
+def test_masking_checks():
+    ids = torch.randint(0, 100, (2, 8))
+    rejects(IndexError, "outside the vocabulary", mask_tokens, ids + 100, mask_token_id=1, vocab_size=100)
+    rejects(ValueError, "mask_token_id", mask_tokens, ids, mask_token_id=100, vocab_size=100)
+    rejects(ValueError, "budget", mask_tokens, ids, mask_token_id=1, vocab_size=100, budget="fixed")
+    rejects(ValueError, "attention_mask has shape", mask_tokens, ids, mask_token_id=1, vocab_size=100,
+            attention_mask=torch.ones(2, 7, dtype=torch.int64))
+    rejects(TypeError, "bool or integer", mask_tokens, ids, mask_token_id=1, vocab_size=100,
+            attention_mask=torch.ones(2, 8))
+    rejects(TypeError, "input_ids must have dtype", mask_tokens, ids.float(), mask_token_id=1, vocab_size=100)
+    rejects(ValueError, "capacity", masked_positions, ids, capacity=-1)
+
+
+def test_value_checks_can_be_switched_off():
+    # Without value checks nothing reads the tensors before the kernel: the
+    # call proceeds (and a correct input still works).
+    x = torch.randn(5, 4)
+    with no_value_checks():
+        assert gather_rows(x, torch.tensor([4])).shape == (1, 4)

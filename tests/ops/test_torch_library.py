@@ -1,0 +1,73 @@
+"""Every op passes torch.library.opcheck and compiles with torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import fastmlm.ops  # noqa: F401
+from fastmlm.ops import attention, gather_rows, mask_tokens, masked_positions, mlm_cross_entropy
+
+ops = torch.ops.fastmlm
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    b = torch.randn(40, generator=g, requires_grad=True)
+    t = torch.tensor([1, 5, -100, 39, 0, 7])
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    q, k, v = (torch.randn(7, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    ids = torch.randint(0, 100, (3, 12), generator=g)
+    labels = torch.where(torch.rand(3, 12, generator=g) < 0.3, ids, -100)
+    return [
+        ("mask_tokens", (ids, None, torch.ones_like(ids), 4, 100, 0.15, 3, False)),
+        ("mask_tokens", (ids, torch.zeros_like(ids), None, 4, 100, 0.5, 3, True)),
+        ("masked_positions", (labels, -100, 20)),
+        ("gather_rows", (h, torch.tensor([0, 5, 5, 2]))),
+        ("mlm_cross_entropy", (h, w, b, t, -100, 0.1, 1e-3)),
+        ("mlm_cross_entropy", (h, w, None, t, -100, 0.0, 0.0)),
+        ("attention", (q, k, v, cu, cu, 5, 5, False, 0.35, 0.0, 0)),
+        ("attention", (q, k, v, cu, cu, 5, 5, True, 0.35, 0.2, 9)),
+    ]
+
+
+@pytest.mark.parametrize("name,args", _samples(), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_opcheck_data_dependent_positions():
+    labels = torch.tensor([[-100, 3, -100, 4], [5, -100, -100, -100]])
+    torch.library.opcheck(ops.masked_positions.default, (labels, -100, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _step(ids, attention_mask, hidden_table, weight, bias, q, k, v, cu):
+    masked, labels = mask_tokens(ids, mask_token_id=4, vocab_size=100, attention_mask=attention_mask, seed=1)
+    index, count = masked_positions(labels, capacity=16)
+    flat_labels = labels.reshape(-1)
+    targets = torch.where(torch.arange(16) < count, flat_labels[index], -100)
+    rows = gather_rows(hidden_table[masked.reshape(-1)], index)
+    loss = mlm_cross_entropy(rows, weight, targets, bias)
+    mixed = attention(q, k, v, cu, 5, causal=True)
+    return loss + mixed.square().mean()
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_over_every_op():
+    g = torch.Generator().manual_seed(1)
+    args = [
+        torch.randint(5, 100, (3, 10), generator=g),
+        torch.ones(3, 10, dtype=torch.int64),
+        torch.randn(100, 16, generator=g, requires_grad=True),
+        torch.randn(100, 16, generator=g, requires_grad=True),
+        torch.randn(100, generator=g, requires_grad=True),
+        *(torch.randn(7, 2, 8, generator=g, requires_grad=True) for _ in range(3)),
+        torch.tensor([0, 2, 7], dtype=torch.int32),
+    ]
+    eager = _step(*args)
+    eager_grads = torch.autograd.grad(eager, [a for a in args if a.requires_grad])
+    compiled = torch.compile(_step, fullgraph=True, backend="aot_eager")(*args)
+    compiled_grads = torch.autograd.grad(compiled, [a for a in args if a.requires_grad])
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, e)
