@@ -41,12 +41,13 @@ def _sample_calls():
         (MLM_CROSS_ENTROPY, (hidden, weight, None, torch.empty(150, dtype=torch.int64, **meta), -100, 0.0, 0.0)),
         (ATTENTION, (qkv, qkv, qkv, cu, cu, 128, 128, False, 0.125, 0.0, 0)),
     ]
-    try:
-        from fastmlm.ops.mlm_head import sample_call
-    except ImportError:
-        pass
-    else:
-        calls.append(sample_call(meta))
+    from fastmlm.ops.mlm_head import MLM_HEAD
+
+    rows = torch.empty(1024, 768, dtype=torch.bfloat16, **meta)
+    square = torch.empty(768, 768, dtype=torch.bfloat16, **meta)
+    vector = torch.empty(768, dtype=torch.bfloat16, **meta)
+    calls.append((MLM_HEAD, (rows, torch.empty(150, dtype=torch.int64, **meta), square, vector, vector, vector, weight,
+                             None, torch.empty(150, dtype=torch.int64, **meta), 1e-12, -100, 0.0, 0.0)))
     return calls
 
 

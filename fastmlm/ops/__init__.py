@@ -8,6 +8,7 @@ from fastmlm.ops.cross_entropy import mlm_cross_entropy
 from fastmlm.ops.dispatch import BackendUnavailable, use_backend
 from fastmlm.ops.gather import gather_rows
 from fastmlm.ops.masking import mask_tokens, masked_positions
+from fastmlm.ops.mlm_head import mlm_head
 
 __all__ = [
     "attention",
@@ -15,6 +16,7 @@ __all__ = [
     "mask_tokens",
     "masked_positions",
     "mlm_cross_entropy",
+    "mlm_head",
     "use_backend",
     "no_value_checks",
     "BackendUnavailable",

@@ -32,6 +32,9 @@ from fastmlm.reference import mlm_head as reference
 MLM_HEAD = BackendTable("mlm_head")
 # The Triton LayerNorm kernels hold one whole row in registers.
 TRITON_MAX_HIDDEN = 16384
+# Forward: row_loss, lse, pre, act, normed, ln_mean, ln_rstd. Backward: the gradients of
+# hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias.
+SevenTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _triton_why_not(device_type, hidden_all, *args) -> Optional[str]:
@@ -94,12 +97,10 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torch.Tensor, dense_bias: torch.Tensor,
                 norm_weight: torch.Tensor, norm_bias: torch.Tensor, decoder_weight: torch.Tensor,
                 decoder_bias: Optional[torch.Tensor], targets: torch.Tensor, layer_norm_eps: float,
-                ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, ...]:
+                ignore_index: int, label_smoothing: float, z_loss: float) -> SevenTensors:
     args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
             targets, layer_norm_eps, ignore_index, label_smoothing, z_loss)
-    outputs = MLM_HEAD.choose(hidden_all.device.type, *args).forward(*args)
-    # Outputs of a custom op may not alias its inputs or each other.
-    return tuple(t.contiguous() for t in outputs)
+    return tuple(MLM_HEAD.choose(hidden_all.device.type, *args).forward(*args))
 
 
 @_forward_op.register_fake
@@ -119,7 +120,7 @@ def _backward_op(grad_row_loss: torch.Tensor, hidden_all: torch.Tensor, index: t
                  norm_bias: torch.Tensor, decoder_weight: torch.Tensor, decoder_bias: Optional[torch.Tensor],
                  targets: torch.Tensor, pre: torch.Tensor, act: torch.Tensor, normed: torch.Tensor,
                  ln_mean: torch.Tensor, ln_rstd: torch.Tensor, lse: torch.Tensor, layer_norm_eps: float,
-                 ignore_index: int, label_smoothing: float, z_loss: float) -> tuple[torch.Tensor, ...]:
+                 ignore_index: int, label_smoothing: float, z_loss: float) -> SevenTensors:
     args = (grad_row_loss, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
             decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps, ignore_index,
             label_smoothing, z_loss)

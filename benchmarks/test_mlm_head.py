@@ -1,0 +1,148 @@
+"""The whole MLM head + loss, forward + backward, at bert-base sizes.
+
+Batch 8 x 128 tokens, H = 768, V = 30522, 15% of the tokens masked (~154 rows).
+Variants (all validated against `hf_dense`'s loss before timing):
+  * hf_dense:     HuggingFace `BertOnlyMLMHead` on all 1024 positions + `nn.CrossEntropyLoss`
+                  with the unmasked positions ignored (what HF's BertForMaskedLM does);
+  * hf_gathered:  the same head on the gathered masked rows only;
+  * fastmlm:      `fastmlm.ops.mlm_head` (Triton on GPU: gathered GEMM, LayerNorm kernel,
+                  streamed cross-entropy; on CPU whatever dispatch picks);
+  * fastmlm_deterministic (GPU): the same under `torch.use_deterministic_algorithms`;
+  * liger (GPU):  HF's head transform on the gathered rows, then Liger-Kernel's
+                  `LigerFusedLinearCrossEntropyLoss`;
+  * cce (GPU):    the gathered transform, then Apple's `cut_cross_entropy.linear_cross_entropy`
+                  (impl "cce"; it has no bias argument, so the decoder bias, zero in a fresh
+                  head, is left out).
+bf16 on GPU, fp32 on CPU. `extra_info` holds `extra_memory_bytes` (GPU: peak allocated
+during the step minus what was allocated before it, i.e. activations, logits, gradients)
+and `masked_rows`. CPU rounds are few (a shared 2-core box).
+Run: python -m pytest benchmarks/test_mlm_head.py --benchmark-only
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+BATCH, LENGTH, HIDDEN, VOCAB, MASK_P, IGNORE = 8, 128, 768, 30522, 0.15, -100
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def make_problem():
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=HIDDEN, vocab_size=VOCAB, hidden_act="gelu", layer_norm_eps=1e-12)
+    head = BertOnlyMLMHead(config).to(DEVICE, DTYPE)
+    hidden_all = torch.randn(BATCH * LENGTH, HIDDEN, device=DEVICE, dtype=DTYPE)
+    gen = torch.Generator().manual_seed(0)
+    masked = torch.rand(BATCH * LENGTH, generator=gen) < MASK_P
+    labels = torch.full((BATCH * LENGTH,), IGNORE, dtype=torch.int64)
+    labels[masked] = torch.randint(0, VOCAB, (int(masked.sum()),), generator=gen)
+    index = masked.nonzero().view(-1)
+    return head, hidden_all, labels.to(DEVICE), index.to(DEVICE)
+
+
+def hf_dense(head, hidden_all, labels, index):
+    logits = head(hidden_all)
+    return nn.CrossEntropyLoss(ignore_index=IGNORE)(logits.float(), labels)
+
+
+def hf_gathered(head, hidden_all, labels, index):
+    logits = head(hidden_all[index])
+    return nn.CrossEntropyLoss(ignore_index=IGNORE)(logits.float(), labels[index])
+
+
+def fastmlm_head(head, hidden_all, labels, index):
+    from fastmlm.ops.mlm_head import mlm_head
+
+    transform, decoder = head.predictions.transform, head.predictions.decoder
+    return mlm_head(hidden_all, index, transform.dense.weight, transform.dense.bias, transform.LayerNorm.weight,
+                    transform.LayerNorm.bias, decoder.weight, head.predictions.bias, labels[index],
+                    layer_norm_eps=transform.LayerNorm.eps, ignore_index=IGNORE)
+
+
+def fastmlm_deterministic(head, hidden_all, labels, index):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        loss = fastmlm_head(head, hidden_all, labels, index)
+        loss.backward()  # the backward must run inside the deterministic region
+        return loss.detach().requires_grad_()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def liger(head, hidden_all, labels, index):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    x = head.predictions.transform(hidden_all[index])
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)(
+        head.predictions.decoder.weight, x, labels[index], head.predictions.bias)
+
+
+def cce(head, hidden_all, labels, index):
+    from cut_cross_entropy import linear_cross_entropy
+
+    x = head.predictions.transform(hidden_all[index])
+    return linear_cross_entropy(x, head.predictions.decoder.weight, labels[index], ignore_index=IGNORE, impl="cce")
+
+
+VARIANTS = {"hf_dense": (hf_dense, None), "hf_gathered": (hf_gathered, None), "fastmlm": (fastmlm_head, None),
+            "fastmlm_deterministic": (fastmlm_deterministic, "gpu"), "liger": (liger, "liger_kernel"),
+            "cce": (cce, "cut_cross_entropy")}
+
+
+def _skip_reason(requirement):
+    if requirement is None:
+        return None
+    if not CUDA:
+        return "GPU-only variant"
+    if requirement != "gpu" and importlib.util.find_spec(requirement) is None:
+        return f"{requirement} is not installed"
+    return None
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mlm_head_forward_backward(benchmark, variant):
+    fn, requirement = VARIANTS[variant]
+    reason = _skip_reason(requirement)
+    if reason:
+        pytest.skip(reason)
+    head, hidden_all, labels, index = make_problem()
+    hidden_all.requires_grad_(True)
+
+    def step():
+        for p in list(head.parameters()) + [hidden_all]:
+            p.grad = None
+        loss = fn(head, hidden_all, labels, index)
+        if loss.grad_fn is not None:
+            loss.backward()
+        if CUDA:
+            torch.cuda.synchronize()
+        return loss
+
+    with torch.no_grad():
+        expected = hf_dense(head, hidden_all, labels, index).item()
+    got = step().item()  # validates, and compiles / warms caches outside the timing
+    tolerance = 2e-2 if DTYPE == torch.bfloat16 else 1e-4
+    assert abs(got - expected) <= tolerance * abs(expected), f"{variant}: loss {got} vs hf_dense {expected}"
+
+    extra = None
+    if CUDA:
+        for p in list(head.parameters()) + [hidden_all]:
+            p.grad = None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        extra = torch.cuda.max_memory_allocated() - before
+    benchmark.extra_info.update(variant=variant, device=DEVICE, dtype=str(DTYPE), masked_rows=int(index.numel()),
+                                extra_memory_bytes=extra)
+    rounds, warmup = (30, 3) if CUDA else (3, 1)
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
