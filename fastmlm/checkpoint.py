@@ -1,0 +1,227 @@
+"""Checkpoints: safetensors files in HuggingFace's BERT layout, strict loading.
+
+A directory holds `config.json` (what `transformers.BertConfig` reads) and
+`model.safetensors` with BertModel keys (an Encoder) or BertForMaskedLM keys
+(a MaskedLM: `bert.` prefix and `cls.predictions.*`, the tied decoder weight
+left out as HuggingFace does). So fastmlm output loads in transformers and the
+other way round. No pickle is read or written; files are written to a
+temporary name and renamed, so a crash never leaves a half-written checkpoint.
+
+Loading is strict: every expected key must be present with the expected shape,
+and every key must be understood. All problems are collected and reported in
+one error before any parameter is touched.
+
+Accepted variations of HuggingFace checkpoints: with or without the `bert.`
+prefix, legacy LayerNorm `gamma`/`beta`, stray `position_ids`/`token_type_ids`
+buffers, BertForPreTraining's NSP head (ignored), the tied decoder weight
+present or absent (when present it must equal the word embeddings), and no
+MLM head at all (a MaskedLM then keeps its freshly initialised head).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastmlm.config import EncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+SHARDED_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# Our module names -> HuggingFace's, per layer (ours on the left).
+_LAYER_NAMES = [
+    ("attn_out", "attention.output.dense"),
+    ("attn_norm", "attention.output.LayerNorm"),
+    ("ffn_in", "intermediate.dense"),
+    ("ffn_out", "output.dense"),
+    ("ffn_norm", "output.LayerNorm"),
+]
+_HEAD_PREFIX = "cls.predictions."
+_DECODER_WEIGHT = "cls.predictions.decoder.weight"
+_DECODER_BIAS = "cls.predictions.decoder.bias"
+
+
+def _is_masked_lm(model) -> bool:
+    return hasattr(model, "encoder") and hasattr(model, "head")
+
+
+def key_table(model) -> list[tuple[str, list[str]]]:
+    """(our state_dict key, the HuggingFace keys it is split into along dim 0)."""
+    masked_lm = _is_masked_lm(model)
+    encoder = model.encoder if masked_lm else model
+    ours, theirs = ("encoder.", "bert.") if masked_lm else ("", "")
+    table = [
+        ("embeddings.word.weight", "embeddings.word_embeddings.weight"),
+        ("embeddings.position.weight", "embeddings.position_embeddings.weight"),
+        ("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight"),
+        ("embeddings.norm.weight", "embeddings.LayerNorm.weight"),
+        ("embeddings.norm.bias", "embeddings.LayerNorm.bias"),
+    ]
+    rows = [(ours + a, [theirs + b]) for a, b in table]
+    for i in range(len(encoder.layers)):
+        a, b = f"layers.{i}.", f"encoder.layer.{i}."
+        for p in ("weight", "bias"):
+            # The fused projection is BERT's query, key and value stacked in that order.
+            rows.append((f"{ours}{a}qkv.{p}", [f"{theirs}{b}attention.self.{n}.{p}" for n in ("query", "key", "value")]))
+            rows += [(f"{ours}{a}{x}.{p}", [f"{theirs}{b}{y}.{p}"]) for x, y in _LAYER_NAMES]
+    if encoder.pooler is not None:
+        rows += [(f"{ours}pooler.dense.{p}", [f"{theirs}pooler.dense.{p}"]) for p in ("weight", "bias")]
+    if masked_lm and model.head is not None:
+        rows += [(f"head.dense.{p}", [f"{_HEAD_PREFIX}transform.dense.{p}"]) for p in ("weight", "bias")]
+        rows += [(f"head.norm.{p}", [f"{_HEAD_PREFIX}transform.LayerNorm.{p}"]) for p in ("weight", "bias")]
+        rows.append(("head.bias", [f"{_HEAD_PREFIX}bias"]))
+    return rows
+
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under HuggingFace names (fresh contiguous CPU tensors)."""
+    state = model.state_dict()
+    out = {}
+    for ours, theirs in key_table(model):
+        for name, part in zip(theirs, state[ours].chunk(len(theirs), dim=0)):
+            out[name] = part.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def normalize_hf_keys(state: dict[str, torch.Tensor], masked_lm: bool) -> dict[str, torch.Tensor]:
+    """HuggingFace keys in the layout `key_table` names: prefix, legacy names, buffers."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key[len("bert."):] if key.startswith("bert.") else key
+        if name.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
+            continue  # buffers some versions of transformers saved; not weights
+        if name.endswith("LayerNorm.gamma"):
+            name = name[: -len("gamma")] + "weight"
+        elif name.endswith("LayerNorm.beta"):
+            name = name[: -len("beta")] + "bias"
+        if not name.startswith("cls.") and masked_lm:
+            name = "bert." + name
+        if name in out:
+            raise ValueError(f"checkpoint holds {key!r} twice (with and without the 'bert.' prefix or "
+                             "as gamma/beta and weight/bias)")
+        out[name] = value
+    return out
+
+
+def load_hf_state_dict(model, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy HuggingFace-named weights into `model`, after checking every key and shape."""
+    masked_lm = _is_masked_lm(model)
+    state = normalize_hf_keys(state, masked_lm)
+    state = {k: v for k, v in state.items() if not k.startswith("cls.seq_relationship.")}  # NSP head
+    params = model.state_dict()
+    word_key = "bert.embeddings.word_embeddings.weight" if masked_lm else "embeddings.word_embeddings.weight"
+    has_head = any(k.startswith(_HEAD_PREFIX) for k in state)
+    problems: list[str] = []
+
+    if not masked_lm:
+        state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+    else:
+        if _DECODER_BIAS in state:  # HuggingFace ties it to cls.predictions.bias
+            decoder_bias = state.pop(_DECODER_BIAS)
+            head_bias = state.setdefault(_HEAD_PREFIX + "bias", decoder_bias)
+            if head_bias.shape != decoder_bias.shape or not torch.equal(head_bias, decoder_bias):
+                problems.append(f"{_DECODER_BIAS} differs from {_HEAD_PREFIX}bias (fastmlm ties them)")
+        if _DECODER_WEIGHT in state:
+            decoder = state.pop(_DECODER_WEIGHT)
+            word = state.get(word_key)
+            if word is not None and (word.shape != decoder.shape or not torch.equal(word, decoder)):
+                problems.append(f"{_DECODER_WEIGHT} differs from the word embeddings (fastmlm ties them)")
+
+    expected: dict[str, tuple[int, ...]] = {}
+    table = key_table(model)
+    for ours, theirs in table:
+        if masked_lm and ours.startswith("head.") and not has_head:
+            continue  # no MLM head in the checkpoint: keep the fresh one
+        shape = list(params[ours].shape)
+        shape[0] //= len(theirs)
+        expected.update({name: tuple(shape) for name in theirs})
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        problems.append("missing keys: " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    for name, shape in expected.items():
+        if name in state:
+            t = state[name]
+            if tuple(t.shape) != shape:
+                problems.append(f"{name} has shape {tuple(t.shape)}, the config needs {shape}")
+            elif not t.is_floating_point():
+                problems.append(f"{name} has dtype {t.dtype}, expected a floating-point tensor")
+    if problems:
+        raise ValueError(f"{source} does not fit the model ({model.__class__.__name__}, {len(expected)} tensors):\n  "
+                         + "\n  ".join(problems))
+
+    with torch.no_grad():
+        for ours, theirs in table:
+            if theirs[0] in expected:
+                params[ours].copy_(torch.cat([state[name] for name in theirs], dim=0))
+
+
+def read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def read_weights(directory: str) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards a model.safetensors.index.json lists."""
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index = os.path.join(directory, SHARDED_INDEX_NAME)
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(read_safetensors(os.path.join(directory, shard)))
+        return state
+    if any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "tf_model.h5")):
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; fastmlm reads safetensors only, never pickle "
+                                "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+
+
+def save_pretrained(model, directory: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors (HuggingFace layout) into `directory`."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    tmp = weights + ".tmp"
+    save_file(to_hf_state_dict(model), tmp, metadata={"format": "pt"})
+    os.replace(tmp, weights)
+    config: EncoderConfig = model.config
+    config.save(os.path.join(directory, CONFIG_NAME),
+                architecture="BertForMaskedLM" if _is_masked_lm(model) else "BertModel")
+
+
+def load_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32, **kwargs) -> "nn.Module":
+    """Build `cls` (Encoder or MaskedLM) from a checkpoint directory; kwargs go to its constructor."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    config = EncoderConfig.from_hf(os.path.join(directory, CONFIG_NAME))
+    state = read_weights(directory)
+    model = cls(config, **kwargs)
+    encoder = model.encoder if _is_masked_lm(model) else model
+    if encoder.pooler is None and any(k.endswith("pooler.dense.weight") for k in state):
+        from fastmlm.model.encoder import Pooler  # the model package imports this module
+        encoder.pooler = Pooler(config)
+    model.to(dtype)
+    load_hf_state_dict(model, state, source=os.path.join(directory, WEIGHTS_NAME))
+    return model

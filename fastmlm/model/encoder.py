@@ -1,0 +1,108 @@
+"""Encoder: BERT's embeddings and post-LayerNorm layers on packed tokens.
+
+    encoder(input_ids [B, S], attention_mask, token_type_ids)  -> [B, S, H]
+    encoder(input_ids [T], cu_seqlens=..., max_seqlen=...)      -> [T, H]
+
+Padded input is unpacked once, before the embedding, and re-padded only at the
+end; the MLM model calls `pack` and `run` itself and never re-pads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastmlm import checkpoint
+from fastmlm.config import EncoderConfig
+from fastmlm.model.embeddings import Embeddings
+from fastmlm.model.inputs import check_encoder_inputs
+from fastmlm.model.layer import Layer
+from fastmlm.model.packing import PackedBatch, pack_given, unpad
+
+
+class Pooler(nn.Module):
+    """BERT's pooler, tanh(W h_[CLS] + b); kept when a checkpoint has one (classifiers use it)."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, first_token: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(first_token))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, std) matrices and embeddings, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: EncoderConfig, *, token_capacity: Optional[int] = None, pooler: bool = False):
+        """token_capacity: pack padded batches to exactly this many token rows (static shapes)."""
+        super().__init__()
+        if not isinstance(config, EncoderConfig):
+            raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
+        if token_capacity is not None and (not isinstance(token_capacity, int) or token_capacity < 1):
+            raise ValueError(f"token_capacity must be a positive int or None, got {token_capacity!r}")
+        self.config = config
+        self.token_capacity = token_capacity
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.pooler = Pooler(config) if pooler else None
+        init_weights(self, config.initializer_range)
+
+    def pack(self, input_ids, attention_mask=None, token_type_ids=None, *, cu_seqlens=None,
+             max_seqlen=None, labels=None) -> PackedBatch:
+        """Check the inputs and pack them (see fastmlm.model.packing)."""
+        input_ids, attention_mask, token_type_ids, max_seqlen = check_encoder_inputs(
+            self.config, input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, labels,
+            self.token_capacity)
+        if cu_seqlens is not None:
+            return pack_given(input_ids, token_type_ids, cu_seqlens, max_seqlen)
+        return unpad(input_ids, attention_mask, token_type_ids, self.token_capacity)
+
+    def run(self, batch: PackedBatch, *, causal: bool = False, last_layer_query_rows=None,
+            cu_seqlens_q=None, max_seqlen_q=None, cu_seqlens_k=None) -> torch.Tensor:
+        """Packed hidden states [T, H]; with last_layer_query_rows only those rows of the last layer
+        (query sequences cu_seqlens_q over key sequences cu_seqlens_k, default batch.cu_seqlens)."""
+        x = self.embeddings(batch.input_ids, batch.token_type_ids, batch.position_ids)
+        for i, layer in enumerate(self.layers):
+            if last_layer_query_rows is not None and i == len(self.layers) - 1:
+                x = layer(x, batch.cu_seqlens, batch.max_seqlen, causal=causal, query_rows=last_layer_query_rows,
+                          cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, cu_seqlens_k=cu_seqlens_k)
+            else:
+                x = layer(x, batch.cu_seqlens, batch.max_seqlen, causal=causal)
+        return x
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_type_ids: Optional[torch.Tensor] = None, *, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None, causal: bool = False) -> torch.Tensor:
+        """Last hidden state: [B, S, H] for padded input (zeros at padding), [T, H] for packed input.
+
+        causal=True hides later positions of the same sequence from each token.
+        """
+        batch = self.pack(input_ids, attention_mask, token_type_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return batch.repad(self.run(batch, causal=causal))
+
+    # ---- checkpoints (HuggingFace BertModel layout) ----
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        checkpoint.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        **kwargs) -> "Encoder":
+        """Load a BertModel-style checkpoint (or the encoder of a BertForMaskedLM one)."""
+        return checkpoint.load_pretrained(cls, directory, dtype=dtype, **kwargs)
