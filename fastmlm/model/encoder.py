@@ -20,6 +20,7 @@ from fastmlm.model.embeddings import Embeddings
 from fastmlm.model.inputs import check_encoder_inputs
 from fastmlm.model.layer import Layer
 from fastmlm.model.packing import PackedBatch, pack_given, unpad
+from fastmlm.ops import no_value_checks
 
 
 class Pooler(nn.Module):
@@ -79,6 +80,12 @@ class Encoder(nn.Module):
         """Packed hidden states [T, H]; with last_layer_query_rows only those rows of the last layer
         (query sequences cu_seqlens_q over key sequences cu_seqlens_k, default batch.cu_seqlens)."""
         x = self.embeddings(batch.input_ids, batch.token_type_ids, batch.position_ids)
+        # cu_seqlens were built by `pack` (or checked there when given): the
+        # ops need not re-read them from the device once per layer.
+        with no_value_checks():
+            return self._layers(x, batch, causal, last_layer_query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k)
+
+    def _layers(self, x, batch, causal, last_layer_query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k):
         for i, layer in enumerate(self.layers):
             if last_layer_query_rows is not None and i == len(self.layers) - 1:
                 x = layer(x, batch.cu_seqlens, batch.max_seqlen, causal=causal, query_rows=last_layer_query_rows,
