@@ -36,7 +36,7 @@ def _compiled_on(device: str):
     def why_not(device_type, hidden, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
+        return compiled_why_not(device_type, "cross_entropy") or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
 
     return why_not
 

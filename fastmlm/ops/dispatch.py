@@ -15,6 +15,7 @@ per-family entries (`attention=sdpa,mlm_cross_entropy=torch`).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import threading
 from dataclasses import dataclass
@@ -181,22 +182,19 @@ def triton_why_not(device_type: str) -> Optional[str]:
     return None
 
 
-def compiled_why_not(device_type: str) -> Optional[str]:
-    """Why fastmlm._C cannot serve tensors of this device type."""
+def compiled_why_not(device_type: str, kernels: str) -> Optional[str]:
+    """Why the compiled kernels `fastmlm.kernels.compiled.<kernels>` cannot serve this device type.
+
+    Each adapter module knows what it needs from fastmlm._C (the module
+    loaded, CUDA kernels compiled in, its own entry points present).
+    """
+    if device_type not in ("cpu", "cuda"):
+        return f"fastmlm._C has no kernels for {device_type} tensors"
     try:
-        from fastmlm import _ext
+        module = importlib.import_module(f"fastmlm.kernels.compiled.{kernels}")
     except ImportError as exc:
-        return f"fastmlm._ext cannot be imported ({exc})"
-    error = _ext.load_error()
-    if error is not None:
-        return f"fastmlm._C is not available ({error})"
-    if device_type == "cuda":
-        if not _ext.has_cuda_kernels():
-            return "fastmlm._C was built without CUDA kernels (no nvcc at build time, or FASTMLM_CUDA=0)"
-        return None
-    if device_type == "cpu":
-        return None
-    return f"fastmlm._C has no kernels for {device_type} tensors"
+        return f"fastmlm.kernels.compiled.{kernels} cannot be imported ({exc})"
+    return module.available(device_type)
 
 
 def dtype_why_not(dtype: torch.dtype, allowed: tuple[torch.dtype, ...]) -> Optional[str]:

@@ -20,7 +20,7 @@ def _compiled_on(device: str):
     def why_not(device_type: str, rows: torch.Tensor, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type) or dtype_why_not(rows.dtype, FLOAT_DTYPES)
+        return compiled_why_not(device_type, "gather") or dtype_why_not(rows.dtype, FLOAT_DTYPES)
 
     return why_not
 

@@ -24,7 +24,7 @@ def _on(device: str):
     def why_not(device_type: str, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type)
+        return compiled_why_not(device_type, "masking")
 
     return why_not
 
