@@ -80,9 +80,17 @@ def _reference_backward(grad, hidden, weight, bias, targets, lse, ignore_index, 
                                             label_smoothing=label_smoothing, z_loss=z_loss)
 
 
+def _compiled_forward_backward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.compiled import cross_entropy as kernel
+
+    return kernel.cross_entropy_forward_backward(hidden, weight, bias, targets, ignore_index=ignore_index,
+                                                 label_smoothing=label_smoothing, z_loss=z_loss)
+
+
 MLM_CROSS_ENTROPY.register(Backend("triton", _triton_why_not, _triton_forward, _triton_backward))
 for _device in ("cuda", "cpu"):
-    MLM_CROSS_ENTROPY.register(Backend(_device, _compiled_on(_device), _compiled_forward, _compiled_backward))
+    MLM_CROSS_ENTROPY.register(Backend(_device, _compiled_on(_device), _compiled_forward, _compiled_backward,
+                                       _compiled_forward_backward))
 MLM_CROSS_ENTROPY.register(Backend("torch", lambda *a: None, _reference_forward, _reference_backward))
 
 
@@ -136,6 +144,53 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 register_autocast(_forward_op)
 
 
+# The summed loss with its gradient computed in the forward pass. With a
+# mean or sum reduction the upstream gradient of every row is the same
+# scalar, so the gradient of sum(row_loss) can be formed while the logits are
+# at hand and only scaled in backward: a backend that keeps one chunk of the
+# whole vocabulary multiplies the logits out once instead of twice (forward,
+# then again in backward), as Liger-Kernel's fused linear cross-entropy does.
+@torch.library.custom_op("fastmlm::mlm_cross_entropy_summed", mutates_args=())
+def _summed_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+               ignore_index: int, label_smoothing: float, z_loss: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss)
+    backend = MLM_CROSS_ENTROPY.choose(hidden.device.type, *args)
+    if backend.forward_backward is not None:
+        row_loss, lse, d_hidden, d_weight, d_bias = backend.forward_backward(*args)
+    else:
+        row_loss, lse = backend.forward(*args)
+        ones = torch.ones_like(row_loss)
+        d_hidden, d_weight, d_bias = backend.backward(ones, hidden, weight, bias, targets, lse, ignore_index,
+                                                      label_smoothing, z_loss)
+    d_bias = hidden.new_empty(0) if d_bias is None else d_bias
+    return row_loss.sum(), lse, d_hidden, d_weight, d_bias
+
+
+@_summed_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+    dtype = _stat_dtype(hidden.dtype)
+    d_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
+    return (hidden.new_empty((), dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype),
+            torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), d_bias)
+
+
+def _setup_summed(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[2:])
+
+
+def _backward_summed(ctx, grad_loss, grad_lse, *unused):
+    d_hidden, d_weight, d_bias = ctx.saved_tensors
+    scale = grad_loss.to(d_hidden.dtype)
+    return (d_hidden * scale, d_weight * scale, d_bias * scale if ctx.has_bias else None,
+            None, None, None, None)
+
+
+_summed_op.register_autograd(_backward_summed, setup_context=_setup_summed)
+register_autocast(_summed_op)
+
+
 def mlm_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -178,13 +233,18 @@ def mlm_cross_entropy(
         labelled = torch.where(targets == ignore_index, 0, targets)
         check_index_range("targets", labelled, weight.shape[0], what="vocabulary entries")
 
-    row_loss, lse = _forward_op(hidden, weight, bias, targets, int(ignore_index), float(label_smoothing), float(z_loss))
+    args = (hidden, weight, bias, targets, int(ignore_index), float(label_smoothing), float(z_loss))
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
+        loss, lse = _forward_op(*args)
     else:
-        count = (targets != ignore_index).sum()
-        loss = row_loss.sum() / count.clamp(min=1).to(row_loss.dtype)
+        if wants_grad:
+            loss, lse, *_ = _summed_op(*args)
+        else:
+            row_loss, lse = _forward_op(*args)
+            loss = row_loss.sum()
+        if reduction == "mean":
+            count = (targets != ignore_index).sum()
+            loss = loss / count.clamp(min=1).to(loss.dtype)
     # lse is handed out detached: the kernels' backward takes no gradient through it.
     return (loss, lse.detach()) if return_lse else loss

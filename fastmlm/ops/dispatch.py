@@ -55,6 +55,9 @@ class Backend:
     why_not: WhyNot
     forward: Callable
     backward: Optional[Callable] = None
+    # Optional: forward and the gradient of the summed output in one call,
+    # for losses whose upstream gradient is one scalar (see mlm_cross_entropy).
+    forward_backward: Optional[Callable] = None
 
 
 _local = threading.local()

@@ -25,6 +25,8 @@ def _samples():
         ("gather_rows", (h, torch.tensor([0, 5, 5, 2]))),
         ("mlm_cross_entropy", (h, w, b, t, -100, 0.1, 1e-3)),
         ("mlm_cross_entropy", (h, w, None, t, -100, 0.0, 0.0)),
+        ("mlm_cross_entropy_summed", (h, w, b, t, -100, 0.1, 1e-3)),
+        ("mlm_cross_entropy_summed", (h, w, None, t, -100, 0.0, 0.0)),
         ("attention", (q, k, v, cu, cu, 5, 5, False, 0.35, 0.0, 0)),
         ("attention", (q, k, v, cu, cu, 5, 5, True, 0.35, 0.2, 9)),
     ]
