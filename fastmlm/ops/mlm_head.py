@@ -6,8 +6,9 @@ The forward custom op returns the per-row losses, the log-sum-exp and the small
 LayerNorm mean and rstd); every backend's forward produces the same set, so the
 backward may pick a different backend than the forward did. Reduction is plain
 torch outside the op, as for `mlm_cross_entropy`. Backends: `triton` (gathered
-GEMM + GELU epilogue, LayerNorm kernel, streamed cross-entropy; no [M, V] logits)
-and `torch` (the reference; backward by autograd recomputation).
+GEMM + GELU epilogue, LayerNorm kernel, streamed cross-entropy; no [M, V] logits),
+`cuda` and `cpu` (the [M, H] part in torch, the vocabulary part through the compiled
+streamed cross-entropy) and `torch` (the reference; backward by autograd recomputation).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from fastmlm.ops.checks import (
     value_checks_enabled,
 )
 from fastmlm.ops.cross_entropy import REDUCTIONS
-from fastmlm.ops.dispatch import Backend, BackendTable, dtype_why_not, recompute_backward, triton_why_not
+from fastmlm.ops.dispatch import (Backend, BackendTable, compiled_why_not, dtype_why_not, recompute_backward,
+                                   triton_why_not)
 from fastmlm.ops.registration import register_autocast
 from fastmlm.reference import mlm_head as reference
 
@@ -64,6 +66,52 @@ def _triton_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_wei
                                     deterministic=torch.are_deterministic_algorithms_enabled())
 
 
+def _compiled_on(device: str):
+    def why_not(device_type, hidden_all, *args) -> Optional[str]:
+        if device_type != device:
+            return f"serves {device} tensors, not {device_type}"
+        reason = compiled_why_not(device_type, "mlm_head") or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES)
+        if reason is None:
+            from fastmlm.kernels.compiled import mlm_head as kernel
+
+            reason = kernel.available(device_type)  # a _C built without the cross-entropy kernels
+        return reason
+
+    return why_not
+
+
+def _compiled_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                      decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.compiled import mlm_head as kernel
+
+    return kernel.mlm_head_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
+                                   decoder_weight, decoder_bias, targets, layer_norm_eps=layer_norm_eps,
+                                   ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def _compiled_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                       decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps,
+                       ignore_index, label_smoothing, z_loss):
+    from fastmlm.kernels.compiled import mlm_head as kernel
+
+    return kernel.mlm_head_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
+                                    decoder_weight, decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse,
+                                    layer_norm_eps=layer_norm_eps, ignore_index=ignore_index,
+                                    label_smoothing=label_smoothing, z_loss=z_loss,
+                                    deterministic=torch.are_deterministic_algorithms_enabled())
+
+
+def _compiled_forward_backward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                               decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
+    # (row_loss, lse, then the 7 gradients of sum(row_loss)): Backend.forward_backward.
+    from fastmlm.kernels.compiled import mlm_head as kernel
+
+    return kernel.mlm_head_forward_backward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
+                                            decoder_weight, decoder_bias, targets, layer_norm_eps=layer_norm_eps,
+                                            ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                            z_loss=z_loss, deterministic=torch.are_deterministic_algorithms_enabled())
+
+
 def _reference_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
                        decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
     return reference.mlm_head_forward_saved(
@@ -86,6 +134,15 @@ def _reference_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_
 
 
 MLM_HEAD.register(Backend("triton", _triton_why_not, _triton_forward, _triton_backward))
+def _compiled_fuses(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, *args):
+    from fastmlm.kernels.compiled import cross_entropy
+
+    return cross_entropy.fits_one_chunk(hidden_all.device.type, index.shape[0], decoder_weight.shape[0])
+
+
+for _device in ("cuda", "cpu"):
+    MLM_HEAD.register(Backend(_device, _compiled_on(_device), _compiled_forward, _compiled_backward,
+                              _compiled_forward_backward, _compiled_fuses))
 MLM_HEAD.register(Backend("torch", lambda *a: None, _reference_forward, _reference_backward))
 
 
@@ -145,6 +202,9 @@ def _setup_context(ctx, inputs, output):
                           decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse)
     ctx.options = (layer_norm_eps, ignore_index, label_smoothing, z_loss)
     ctx.has_decoder_bias = decoder_bias is not None
+    # Only row_loss carries a gradient; without this autograd would build
+    # zero [M, H] gradients for the unused activation outputs.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_row_loss, *unused_grads):
@@ -158,6 +218,62 @@ def _backward(ctx, grad_row_loss, *unused_grads):
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 register_autocast(_forward_op)
+
+
+# The summed loss with its gradients computed in the forward pass, as
+# fastmlm::mlm_cross_entropy_summed (see there): used for mean/sum losses
+# where the serving backend says it saves work (Backend.fuses).
+@torch.library.custom_op("fastmlm::mlm_head_summed", mutates_args=())
+def _summed_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torch.Tensor, dense_bias: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, decoder_weight: torch.Tensor,
+               decoder_bias: Optional[torch.Tensor], targets: torch.Tensor, layer_norm_eps: float,
+               ignore_index: int, label_smoothing: float, z_loss: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
+            targets, layer_norm_eps, ignore_index, label_smoothing, z_loss)
+    row_loss, lse, *grads = MLM_HEAD.choose(hidden_all.device.type, *args).forward_backward(*args)
+    return (row_loss.sum(), lse, *grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
+
+
+@_summed_op.register_fake
+def _(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias, *rest):
+    stat = _stat_dtype(hidden_all.dtype)
+    like = [hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight]
+    return (hidden_all.new_empty((), dtype=stat), hidden_all.new_empty(index.shape[0], dtype=stat),
+            *[torch.empty_like(t, memory_format=torch.contiguous_format) for t in like],
+            hidden_all.new_empty(0) if decoder_bias is None else torch.empty_like(decoder_bias))
+
+
+def _setup_summed(ctx, inputs, output):
+    ctx.has_decoder_bias = inputs[7] is not None
+    ctx.used = False
+    ctx.save_for_backward(*output[2:])
+
+
+def _backward_summed(ctx, grad_loss, *unused):
+    # Scaled in place and handed out (no second copy of each gradient), so one backward pass per forward.
+    if ctx.used:
+        raise RuntimeError("mlm_head with reduction 'mean'/'sum' supports one backward pass per forward "
+                           "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
+    ctx.used = True
+    grads = [g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
+    return (grads[0], None, *grads[1:6], grads[6] if ctx.has_decoder_bias else None, None, None, None, None, None)
+
+
+_summed_op.register_autograd(_backward_summed, setup_context=_setup_summed)
+register_autocast(_summed_op)
+
+
+def _gradient_in_forward(args) -> bool:
+    """Use the summed op: gradients are wanted and the serving backend saves work by it."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    params = (args[0], *args[2:8])
+    if not any(t is not None and t.requires_grad for t in params):
+        return False
+    backend = MLM_HEAD.choose(args[0].device.type, *args)
+    return backend.forward_backward is not None and backend.fuses is not None and backend.fuses(*args)
 
 
 def mlm_head(
@@ -220,13 +336,12 @@ def mlm_head(
         labelled = torch.where(targets == ignore_index, 0, targets)
         check_index_range("targets", labelled, decoder_weight.shape[0], what="vocabulary entries")
 
-    outputs = _forward_op(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
-                          decoder_bias, targets, float(layer_norm_eps), int(ignore_index), float(label_smoothing),
-                          float(z_loss))
-    row_loss = outputs[0]
+    args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
+            targets, float(layer_norm_eps), int(ignore_index), float(label_smoothing), float(z_loss))
     if reduction == "none":
-        return row_loss
+        return _forward_op(*args)[0]
+    loss = _summed_op(*args)[0] if _gradient_in_forward(args) else _forward_op(*args)[0].sum()
     if reduction == "sum":
-        return row_loss.sum()
+        return loss
     count = (targets != ignore_index).sum()
-    return row_loss.sum() / count.clamp(min=1).to(row_loss.dtype)
+    return loss / count.clamp(min=1).to(loss.dtype)

@@ -167,12 +167,12 @@ def test_op_triton_backend_matches_torch_backend():
 
 
 def test_op_passes_opcheck():
-    from fastmlm.ops import mlm_head as op_module
+    import fastmlm.ops  # noqa: F401  (registers fastmlm::mlm_head)
     from fastmlm.ops.dispatch import use_backend
 
     params, index, targets, _ = make_inputs(*SHAPES[0], torch.float32, seed=5)
     params = {k: None if v is None else v.requires_grad_() for k, v in params.items()}
     args = (params["hidden_all"], index, *[params[k] for k in PARAM_NAMES[1:]], targets, EPS, IGNORE, 0.1, 1e-3)
     with use_backend("triton", "mlm_head"):
-        torch.library.opcheck(op_module._forward_op, args,
+        torch.library.opcheck(torch.ops.fastmlm.mlm_head.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
