@@ -87,10 +87,16 @@ def _compiled_forward_backward(hidden, weight, bias, targets, ignore_index, labe
                                                  label_smoothing=label_smoothing, z_loss=z_loss)
 
 
+def _compiled_fuses(hidden, weight, *args) -> bool:
+    from fastmlm.kernels.compiled import cross_entropy as kernel
+
+    return kernel.fits_one_chunk(hidden.device.type, hidden.shape[0], weight.shape[0])
+
+
 MLM_CROSS_ENTROPY.register(Backend("triton", _triton_why_not, _triton_forward, _triton_backward))
 for _device in ("cuda", "cpu"):
     MLM_CROSS_ENTROPY.register(Backend(_device, _compiled_on(_device), _compiled_forward, _compiled_backward,
-                                       _compiled_forward_backward))
+                                       _compiled_forward_backward, _compiled_fuses))
 MLM_CROSS_ENTROPY.register(Backend("torch", lambda *a: None, _reference_forward, _reference_backward))
 
 
@@ -150,6 +156,7 @@ register_autocast(_forward_op)
 # at hand and only scaled in backward: a backend that keeps one chunk of the
 # whole vocabulary multiplies the logits out once instead of twice (forward,
 # then again in backward), as Liger-Kernel's fused linear cross-entropy does.
+# Used only where the serving backend says it saves work (Backend.fuses).
 @torch.library.custom_op("fastmlm::mlm_cross_entropy_summed", mutates_args=())
 def _summed_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                ignore_index: int, label_smoothing: float, z_loss: float
@@ -177,18 +184,38 @@ def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
 
 def _setup_summed(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.used = False
     ctx.save_for_backward(*output[2:])
 
 
 def _backward_summed(ctx, grad_loss, grad_lse, *unused):
+    # The saved gradients are scaled in place and handed out: they become the
+    # parameters' .grad without a second [V, H] copy. So this backward can run
+    # once; a second pass (retain_graph=True) would see scaled values.
+    if ctx.used:
+        raise RuntimeError("mlm_cross_entropy with reduction 'mean'/'sum' supports one backward pass per forward "
+                           "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
+    ctx.used = True
     d_hidden, d_weight, d_bias = ctx.saved_tensors
     scale = grad_loss.to(d_hidden.dtype)
-    return (d_hidden * scale, d_weight * scale, d_bias * scale if ctx.has_bias else None,
+    return (d_hidden.mul_(scale), d_weight.mul_(scale), d_bias.mul_(scale) if ctx.has_bias else None,
             None, None, None, None)
 
 
 _summed_op.register_autograd(_backward_summed, setup_context=_setup_summed)
 register_autocast(_summed_op)
+
+
+def _gradient_in_forward(args) -> bool:
+    """Use the summed op: gradients are wanted and the serving backend saves work by it."""
+    hidden, weight, bias = args[:3]
+    # While compiling, the plain op is traced (the choice reads dispatch state).
+    if torch.compiler.is_compiling():
+        return False
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        return False
+    backend = MLM_CROSS_ENTROPY.choose(hidden.device.type, *args)
+    return backend.forward_backward is not None and backend.fuses is not None and backend.fuses(*args)
 
 
 def mlm_cross_entropy(
@@ -234,11 +261,10 @@ def mlm_cross_entropy(
         check_index_range("targets", labelled, weight.shape[0], what="vocabulary entries")
 
     args = (hidden, weight, bias, targets, int(ignore_index), float(label_smoothing), float(z_loss))
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if reduction == "none":
         loss, lse = _forward_op(*args)
     else:
-        if wants_grad:
+        if _gradient_in_forward(args):
             loss, lse, *_ = _summed_op(*args)
         else:
             row_loss, lse = _forward_op(*args)

@@ -56,8 +56,10 @@ class Backend:
     forward: Callable
     backward: Optional[Callable] = None
     # Optional: forward and the gradient of the summed output in one call,
-    # for losses whose upstream gradient is one scalar (see mlm_cross_entropy).
+    # for losses whose upstream gradient is one scalar (see mlm_cross_entropy),
+    # used where `fuses(*forward_args)` says it saves work for that input.
     forward_backward: Optional[Callable] = None
+    fuses: Optional[Callable[..., bool]] = None
 
 
 _local = threading.local()

@@ -348,6 +348,11 @@ class _ChunkGradients:
 _SINGLE_CHUNK_BUDGET_BYTES = 32 << 20
 
 
+def fits_one_chunk(device_type: str, rows: int, vocab: int) -> bool:
+    """Whether forward_backward multiplies the logits out once for this problem (CPU, small M x V)."""
+    return device_type == "cpu" and rows * vocab * 4 <= _SINGLE_CHUNK_BUDGET_BYTES
+
+
 def cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                    targets: torch.Tensor, *, ignore_index: int = -100,
                                    label_smoothing: float = 0.0, z_loss: float = 0.0, chunk_size: int | None = None,
@@ -360,9 +365,7 @@ def cross_entropy_forward_backward(hidden: torch.Tensor, weight: torch.Tensor, b
     _check_common(hidden, weight, bias, targets, label_smoothing, chunk_size)
     rows, width, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
     mode = _pick_mode(hidden)
-    single = (hidden.device.type == "cpu" and chunk_size is None
-              and rows * vocab * 4 <= _SINGLE_CHUNK_BUDGET_BYTES)
-    if rows == 0 or not single:
+    if rows == 0 or chunk_size is not None or not fits_one_chunk(hidden.device.type, rows, vocab):
         row_loss, lse = cross_entropy_forward(hidden, weight, bias, targets, ignore_index=ignore_index,
                                               label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size)
         ones = torch.ones(rows, dtype=torch.float32, device=hidden.device)
