@@ -1,5 +1,7 @@
 """The model: Encoder (BERT embeddings + post-LayerNorm layers on packed tokens) and MaskedLM."""
 from fastmlm.model.encoder import Encoder, Pooler
+from fastmlm.model.heads import ClassifierOutput, SequenceClassifier, TokenClassifier
 from fastmlm.model.masked_lm import MaskedLM, MaskedLMOutput
 
-__all__ = ["Encoder", "MaskedLM", "MaskedLMOutput", "Pooler"]
+__all__ = ["ClassifierOutput", "Encoder", "MaskedLM", "MaskedLMOutput", "Pooler", "SequenceClassifier",
+           "TokenClassifier"]
