@@ -185,6 +185,8 @@ def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
 def _setup_summed(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.used = False
+    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[2:])
 
 

@@ -248,6 +248,8 @@ def _(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decod
 def _setup_summed(ctx, inputs, output):
     ctx.has_decoder_bias = inputs[7] is not None
     ctx.used = False
+    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(*output[2:])
 
 
