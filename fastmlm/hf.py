@@ -211,7 +211,7 @@ def _encode(bert, batch: PackedBatch, keep_all: bool):
         for layer in bert.encoder.layer:
             attn = layer.attention.self
             # Drawn outside the checkpoint, so the recomputation reuses it even with preserve_rng_state=False.
-            seed = dropout_seed(attn.dropout.p, attn.training)
+            seed = dropout_seed(attn.dropout.p, attn.training, x.device)
             checkpoint = _checkpoint_function(bert, layer)
             if checkpoint is not None:
                 x = checkpoint(_attention_block, layer, x, batch, seed)

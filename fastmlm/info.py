@@ -39,7 +39,7 @@ def _sample_calls():
         (MASKED_POSITIONS, (ids, -100, 1024)),
         (GATHER_ROWS, (hidden, torch.empty(150, dtype=torch.int64, **meta))),
         (MLM_CROSS_ENTROPY, (hidden, weight, None, torch.empty(150, dtype=torch.int64, **meta), -100, 0.0, 0.0)),
-        (ATTENTION, (qkv, qkv, qkv, cu, cu, 128, 128, False, 0.125, 0.0, 0)),
+        (ATTENTION, (qkv, qkv, qkv, cu, cu, 128, 128, False, 0.125, 0.0, torch.empty((), dtype=torch.int64, **meta))),
     ]
     from fastmlm.ops.mlm_head import MLM_HEAD
 

@@ -36,19 +36,19 @@ def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unsupported hidden_act {name!r}")
 
 
-def dropout_seed(p: float, training: bool) -> int:
-    """A fresh attention-dropout seed from torch's (CPU) generator; 0 when dropout is off.
+def dropout_seed(p: float, training: bool, device: torch.device | str | None = None) -> int | torch.Tensor:
+    """A fresh attention-dropout seed: a 0-d int64 tensor on `device`; 0 when dropout is off.
 
-    The attention op takes the seed as a host int. Drawing it from the CPU
-    generator never waits for a GPU, and `torch.manual_seed` makes it
-    reproducible. Under torch.compile the draw is a data-dependent int: with
-    `torch._dynamo.config.capture_scalar_outputs = True` it stays inside the
-    graph (fresh every call); without it, fullgraph=True refuses attention
-    dropout, so compile with attention_dropout=0 or eval() there.
+    The seed is drawn on the device (`torch.randint` with that device's
+    generator, so `torch.manual_seed` makes it reproducible) and the attention
+    kernels read it there: no host sync, no data-dependent int, so a training
+    step with attention dropout compiles with `fullgraph=True`, and under CUDA
+    graphs each replay draws a new seed (PyTorch's graph-safe CUDA RNG)
+    instead of baking one mask into the graph. `device=None` draws on the CPU.
     """
     if not training or p == 0.0:
         return 0
-    return int(torch.randint(2**62, (), dtype=torch.int64))
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device=device)
 
 
 class Layer(nn.Module):
@@ -95,7 +95,7 @@ class Layer(nn.Module):
             cu_q, max_q, max_k = cu_seqlens_q, max_seqlen_q, max_seqlen
         dropout_p = self.attention_dropout if self.training else 0.0
         a = attention(q, k, v, cu_q, max_q, causal=causal, dropout_p=dropout_p,
-                      seed=dropout_seed(dropout_p, self.training), cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+                      seed=dropout_seed(dropout_p, self.training, x.device), cu_seqlens_k=cu_k, max_seqlen_k=max_k)
         a = self.attn_out(a.reshape(-1, hidden))
         x = self.attn_norm(residual + F.dropout(a, self.hidden_dropout, self.training))
         f = self.ffn_out(activation(self.hidden_act, self.ffn_in(x)))

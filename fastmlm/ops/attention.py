@@ -15,6 +15,7 @@ from fastmlm.ops.checks import FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES, check_same_
 from fastmlm.ops.dispatch import Backend, BackendTable, dtype_why_not, recompute_backward, triton_why_not
 from fastmlm.ops.registration import register_autocast
 from fastmlm.reference import attention as reference
+from fastmlm.reference.random import seed_tensor
 
 ATTENTION = BackendTable("attention")
 MAX_HEAD_DIM = 128
@@ -82,7 +83,7 @@ ATTENTION.register(Backend("torch", lambda *a: None, _reference_forward, _refere
 @torch.library.custom_op("fastmlm::attention", mutates_args=())
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
-                softmax_scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                softmax_scale: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, seed)
     return ATTENTION.choose(q.device.type, *args).forward(*args)
 
@@ -97,7 +98,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, s
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                  max_seqlen_k: int, causal: bool, softmax_scale: float, dropout_p: float,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     forward_args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, seed)
     backend = ATTENTION.choose(q.device.type, *forward_args)
     return backend.backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -112,13 +113,14 @@ def _(grad_out, q, k, v, out, lse, *args):
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.options = (max_q, max_k, causal, scale, dropout_p, seed)
+    # The seed is saved, not redrawn: backward remakes the forward's dropout mask from it.
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seed)
+    ctx.options = (max_q, max_k, causal, scale, dropout_p)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.options)
+    q, k, v, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.options, seed)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -152,7 +154,7 @@ def attention(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_k: Optional[int] = None,
 ) -> torch.Tensor:
@@ -160,7 +162,10 @@ def attention(
 
     Sequence b is rows `cu_seqlens[b]:cu_seqlens[b+1]` of q (and of
     `cu_seqlens_k`'s rows of k and v, by default the same). See docs/ops.md for
-    causal alignment and the dropout rule.
+    causal alignment and the dropout rule. `seed` is an int or a 0-d int64
+    tensor (on q's device or the CPU); a device tensor, such as one drawn with
+    `torch.randint(..., device=q.device)` per step, keeps a compiled or
+    CUDA-graph-captured step free of host reads and gives fresh masks per replay.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=3, dtypes=REFERENCE_FLOAT_DTYPES)
@@ -183,8 +188,6 @@ def attention(
         raise ValueError(f"cu_seqlens has {cu_seqlens.shape[0]} entries, cu_seqlens_k {cu_seqlens_k.shape[0]}")
     check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    seed = int(seed) % (1 << 64)
-    seed = seed - (1 << 64) if seed >= (1 << 63) else seed
     out, _ = _forward_op(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k), bool(causal), scale,
-                         float(dropout_p), seed)
+                         float(dropout_p), seed_tensor(seed, q.device))
     return out

@@ -43,8 +43,11 @@ def visibility(cu_q, cu_k, max_q, max_k, causal):
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                      causal: bool, softmax_scale: float, dropout_p: float, seed: int):
-    """(out [Tq, heads, D] in q's dtype, lse [heads, Tq] fp32 or fp64)."""
+                      causal: bool, softmax_scale: float, dropout_p: float, seed: int | torch.Tensor):
+    """(out [Tq, heads, D] in q's dtype, lse [heads, Tq] fp32 or fp64).
+
+    `seed` is an int or a 0-d int64 tensor; a tensor is hashed on the device, never read on the host.
+    """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     total_q, heads, _ = q.shape
     rows_q, _ = padded_rows(cu_seqlens_q, max_seqlen_q)

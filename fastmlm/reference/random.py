@@ -45,10 +45,49 @@ def threshold24(p: float) -> int:
     return int(p * (1 << 24))
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """The low and high 32-bit words of a seed taken modulo 2**64."""
+def split_seed(seed: int | torch.Tensor) -> tuple[int, int] | tuple[torch.Tensor, torch.Tensor]:
+    """The low and high 32-bit words of a seed taken modulo 2**64.
+
+    An int gives two ints. A 0-d int64 tensor (the seed's two's-complement
+    bits, as `torch.randint` on a device draws it) gives two int64 tensors on
+    its device, with no host read, so a seed drawn on the GPU stays there.
+    """
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(torch.int64)
+        # int64 >> is arithmetic: mask after shifting, or a negative seed's
+        # high word would carry sign bits.
+        return seed & MASK32, (seed >> 32) & MASK32
     seed %= 1 << 64
     return seed & MASK32, seed >> 32
+
+
+def seed_to_int64(seed: int) -> int:
+    """The int64 with the same bits as `seed` mod 2**64: the value of a seed tensor."""
+    seed %= 1 << 64
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+def seed_tensor(seed: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A seed as the 0-d int64 tensor on `device` that the ops and kernels take.
+
+    An int is folded by `seed_to_int64` and written by `torch.full` (a fill
+    kernel: no host-to-device copy to wait for, and a constant under
+    torch.compile). A tensor is used as it is, so a seed drawn on the device
+    is never read on the host; a CPU one is copied without waiting.
+    """
+    device = torch.device(device)
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0:
+            raise ValueError(f"a seed tensor must be 0-d int64, got {seed.dtype} of shape {tuple(seed.shape)}")
+        if seed.device != device:
+            if seed.device.type != "cpu":
+                raise ValueError(f"the seed is on {seed.device}, the tensors it seeds on {device}: "
+                                 "pass it on their device or on the CPU")
+            seed = seed.to(device, non_blocking=True)
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a 0-d int64 tensor, got {type(seed).__name__}")
+    return torch.full((), seed_to_int64(seed), dtype=torch.int64, device=device)
 
 
 def fmix32(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +99,15 @@ def fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_hash(seed: int, stream: int | torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """uint32 hash of (seed, stream, a, b) as an int64 tensor; a and b broadcast."""
+def counter_hash(seed: int | torch.Tensor, stream: int | torch.Tensor, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """uint32 hash of (seed, stream, a, b) as an int64 tensor; a and b broadcast.
+
+    `seed` is an int or a 0-d int64 tensor (same bits for the same value mod 2**64).
+    """
     lo, hi = split_seed(seed)
+    if isinstance(seed, torch.Tensor):
+        lo, hi = lo.to(a.device), hi.to(a.device)
     if isinstance(stream, torch.Tensor):
         mixed_stream = (stream.to(torch.int64) * GOLDEN) & MASK32
     else:

@@ -20,8 +20,8 @@ import triton.language as tl  # noqa: E402
 
 from fastmlm.kernels.triton import attention as triton_attention  # noqa: E402
 from fastmlm.kernels.triton.attention import attention_backward, attention_forward  # noqa: E402
-from fastmlm.kernels.triton.random import counter_hash as triton_counter_hash  # noqa: E402
-from fastmlm.reference.random import STREAM_DROPOUT, counter_hash, split_seed, threshold24  # noqa: E402
+from fastmlm.kernels.triton.random import counter_hash as triton_counter_hash, load_seed_words  # noqa: E402
+from fastmlm.reference.random import STREAM_DROPOUT, counter_hash, seed_to_int64, split_seed, threshold24  # noqa: E402
 from tests.tolerances import RELATIVE_TOLERANCE, relative_error  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -168,6 +168,28 @@ def test_counter_hash_matches_reference():
         assert torch.equal(triton_hash(seed, stream, a, b).cpu(), expected)
 
 
+@triton.jit
+def _seeded_hash_kernel(Out, A, Seed, stream, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    a = tl.load(A + offs).to(tl.uint32)
+    seed_lo, seed_hi = load_seed_words(Seed)
+    h = triton_counter_hash(seed_lo, seed_hi, stream, a, a ^ 0x5BD1E995)
+    tl.store(Out + offs, h.to(tl.int64) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**31 + 12345, 2**62 + 3, 2**63 + 99, 2**64 - 1])
+def test_seed_tensor_words_match_int_seed(seed):
+    # The kernel splits an int64 seed tensor (negative for seeds >= 2**63) into the
+    # same words the reference hashes, and so does the reference given the tensor.
+    a = torch.arange(32, dtype=torch.int64) * 2654435761 % 2**32
+    seed_tensor = torch.tensor(seed_to_int64(seed), dtype=torch.int64)
+    expected = counter_hash(seed, 0x101, a, a ^ 0x5BD1E995)
+    assert torch.equal(counter_hash(seed_tensor, 0x101, a, a ^ 0x5BD1E995), expected)
+    out = torch.full((32,), -1, dtype=torch.int64, device=DEVICE)
+    _seeded_hash_kernel[(1,)](out, a.to(DEVICE), seed_tensor.to(DEVICE), 0x101, N=32)
+    assert torch.equal(out.cpu(), expected)
+
+
 # Lengths chosen to be ragged against 16-row tiles, with a length-1 and an empty sequence.
 LENGTHS = [5, 0, 13, 1, 17]
 # Queries fewer or more than keys per sequence. Causal aligns the ends: 6 queries on
@@ -226,6 +248,45 @@ def test_deterministic_and_seed_dependent():
     grads2 = attention_backward(out1, q, k, v, out1, lse1, cu, cu, 9, 9, seed=5, **kwargs)
     for g1, g2 in zip(grads1, grads2):
         assert torch.equal(g1, g2)
+
+
+def test_tensor_seed_is_read_at_launch():
+    """A 0-d int64 seed tensor gives the int seed's bits, read when the kernel runs.
+
+    Refilling the tensor in place changes the mask: what a CUDA graph replay
+    relies on when a captured `torch.randint` writes a new seed into it.
+    """
+    q, k, v = make_qkv([9, 4], [9, 4], 2, 16, torch.float32)
+    cu = cu_seqlens_of([9, 4])
+    kwargs = dict(causal=True, softmax_scale=0.25, dropout_p=0.5)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    seed = torch.tensor(seed_to_int64(2**63 + 99), dtype=torch.int64, device=DEVICE)
+    for value in (2**63 + 99, 5):
+        seed.fill_(seed_to_int64(value))
+        expected = attention_forward(q, k, v, cu, cu, 9, 9, seed=value, **kwargs)
+        actual = attention_forward(q, k, v, cu, cu, 9, 9, seed=seed, **kwargs)
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected)), value
+        out, lse = expected
+        grads_expected = attention_backward(grad_out, q, k, v, out, lse, cu, cu, 9, 9, seed=value, **kwargs)
+        grads_actual = attention_backward(grad_out, q, k, v, out, lse, cu, cu, 9, 9, seed=seed, **kwargs)
+        assert all(torch.equal(a, e) for a, e in zip(grads_actual, grads_expected)), value
+    other = attention_forward(q, k, v, cu, cu, 9, 9, seed=2**63 + 99, **kwargs)[0]
+    assert not torch.equal(other, actual[0])
+    # A CPU seed tensor is accepted for device inputs too.
+    cpu_seed = attention_forward(q, k, v, cu, cu, 9, 9, seed=torch.tensor(5), **kwargs)[0]
+    assert torch.equal(cpu_seed, expected[0])
+
+
+@pytest.mark.parametrize("seed, error", [
+    (torch.tensor(5, dtype=torch.int32), ValueError),
+    (torch.tensor([5]), ValueError),
+    (5.0, TypeError),
+])
+def test_bad_seed_raises_before_launch(seed, error):
+    q, k, v = make_qkv([3], [3], 1, 8, torch.float32)
+    cu = cu_seqlens_of([3])
+    with pytest.raises(error, match="seed"):
+        attention_forward(q, k, v, cu, cu, 3, 3, causal=False, softmax_scale=1.0, dropout_p=0.5, seed=seed)
 
 
 def test_dropout_everything():

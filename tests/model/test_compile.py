@@ -8,6 +8,7 @@ shape: one compilation serves batches with different padding and label counts
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.slow
 BATCH, SEQ = 3, 8
 
 
-def make_model():
+def make_model(**overrides):
     config = tiny_config(40, num_layers=2, num_heads=2, hidden_size=16, intermediate_size=32, vocab_size=48,
-                         max_position_embeddings=16)
+                         max_position_embeddings=16, **overrides)
     torch.manual_seed(40)
     return MaskedLM(config, mask_capacity=12, token_capacity=BATCH * SEQ, last_layer_subset=True)
 
@@ -66,6 +67,42 @@ def test_compiled_training_step_matches_eager():
         assert relative_error(q, p) < 1e-5, name
 
 
+def test_compiled_training_step_with_attention_dropout():
+    """Attention dropout in train mode compiles with fullgraph=True and draws a fresh mask per call.
+
+    The per-layer seed is a device tensor drawn inside the graph, so there is
+    no data-dependent int and no graph break; calls with the same weights and
+    batch differ only through the mask, and eval() (no dropout) matches eager.
+    """
+    torch._dynamo.reset()
+    model = make_model(attention_dropout=0.3)
+    batch = next(batches(model.config))
+    model.train()
+    with torch.no_grad():  # eager first: also the baseline the compiled draws are compared with
+        eager_train = torch.stack([loss_of(model, *batch) for _ in range(4)])
+    compiled_loss = torch.compile(loss_of, fullgraph=True)
+    losses = []
+    for _ in range(4):
+        with torch.compiler.set_stance("fail_on_recompile") if losses else contextlib.nullcontext():
+            loss = compiled_loss(model, *batch)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    losses = torch.stack(losses)
+    assert len(set(losses.tolist())) == 4, f"a loss repeats: the dropout mask did not change {losses}"
+    # Same distribution of masks as eager: the spread between draws is alike, the means close.
+    assert abs(float(eager_train.mean() - losses.mean())) < 3 * float(eager_train.std() + losses.std())
+    # Dropout is what changed between calls: in eval mode the compiled step is eager's.
+    model.eval()
+    with torch.no_grad():
+        eager_eval = loss_of(model, *batch)
+        compiled_eval = torch.compile(loss_of, fullgraph=True)(model, *batch)
+    assert relative_error(compiled_eval, eager_eval) < 1e-5
+    assert not torch.isclose(losses, eager_eval).any()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_captures_the_training_step():
@@ -84,4 +121,27 @@ def test_cuda_graph_captures_the_training_step():
         expected = train_step(loss_of, eager, eager_opt, *batch)
         actual = train_step(compiled_loss, compiled_model, compiled_opt, *batch)
         assert relative_error(actual, expected) < 2e-3, f"step {i}"
+    assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_draw_fresh_attention_dropout():
+    """mode='reduce-overhead' with attention dropout: captured once, every replay draws a new mask."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = make_model(attention_dropout=0.3).cuda().train()
+    batch = [t.cuda() for t in next(batches(model.config))]
+    compiled_loss = torch.compile(loss_of, fullgraph=True, mode="reduce-overhead")
+    losses = []
+    for _ in range(5):  # the first calls warm up and record; the later ones replay
+        loss = compiled_loss(model, *batch)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach().clone())
+    losses = torch.stack(losses)
+    assert torch.isfinite(losses).all()
+    assert len(set(losses.tolist())) == 5, f"a loss repeats: a replay reused a dropout mask {losses}"
     assert counters["inductor"].get("cudagraph_skips", 0) == 0, dict(counters["inductor"])

@@ -27,7 +27,7 @@ from fastmlm.kernels.triton.attention_bwd import (
     attention_backward_dq_kernel,
 )
 from fastmlm.kernels.triton.attention_fwd import attention_forward_kernel
-from fastmlm.reference.random import split_seed, threshold24
+from fastmlm.reference.random import seed_tensor, threshold24
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,13 +141,17 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
 
 
-def _dropout_args(dropout_p: float, seed: int) -> tuple[bool, float, int, int, int]:
-    """(enabled, 1/(1-p), seed_lo, seed_hi, threshold24(p)); p = 1 drops all, scale 0."""
+def _dropout_args(dropout_p: float, seed, unused_pointer: torch.Tensor):
+    """(enabled, 1/(1-p), seed pointer, threshold24(p)); p = 1 drops all, scale 0.
+
+    Without dropout the kernels never read the seed, so no tensor is made for
+    it and `unused_pointer` fills the argument.
+    """
     drop_threshold = threshold24(float(dropout_p))
-    seed_lo, seed_hi = split_seed(int(seed))
     enabled = drop_threshold > 0
     dropout_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-    return enabled, dropout_scale, seed_lo, seed_hi, drop_threshold
+    seed_pointer = seed_tensor(seed, unused_pointer.device) if enabled else unused_pointer
+    return enabled, dropout_scale, seed_pointer, drop_threshold
 
 
 def _block_d(head_dim: int) -> int:
@@ -161,13 +165,15 @@ def _dot_precision(dtype: torch.dtype):
 
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                      causal: bool, softmax_scale: float, dropout_p: float, seed: int,
+                      causal: bool, softmax_scale: float, dropout_p: float, seed: int | torch.Tensor,
                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences; returns (out [Tq, heads, D] in q's dtype, lse fp32 [heads, Tq]).
 
     q [Tq, heads, D], k/v [Tk, heads, D] with any strides; cu_seqlens_q/k int32
     [batch + 1]; max_seqlen_q/k bound each sequence's length (they size the
-    grid, the kernels read the true lengths). See docs/ops.md `attention`.
+    grid, the kernels read the true lengths). `seed`: an int or a 0-d int64
+    tensor on q's device (or the CPU), read by the kernels only when dropout
+    is on. See docs/ops.md `attention`.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, dropout_p)
     num_q, heads, head_dim = q.shape
@@ -177,12 +183,12 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
     cfg = _resolve_config("fwd", head_dim, q.dtype, config)
-    enabled, dropout_scale, seed_lo, seed_hi, drop_threshold = _dropout_args(dropout_p, seed)
+    enabled, dropout_scale, seed_pointer, drop_threshold = _dropout_args(dropout_p, seed, cu_seqlens_q)
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, heads)
     attention_forward_kernel[grid](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-        float(softmax_scale) * LOG2E, dropout_scale, seed_lo, seed_hi, drop_threshold,
+        float(softmax_scale) * LOG2E, dropout_scale, seed_pointer, drop_threshold,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), DROPOUT=enabled,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -191,7 +197,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
 
 def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                        max_seqlen_k: int, *, causal: bool, softmax_scale: float, dropout_p: float,
-                       seed: int, config: dict | None = None):
+                       seed: int | torch.Tensor, config: dict | None = None):
     """Gradients (dq, dk, dv) of `attention_forward`, same shapes and dtypes as q, k, v.
 
     `out` and `lse` are the forward's results; dropout is remade from `seed`.
@@ -217,10 +223,10 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     if batch == 0 or heads == 0:
         return dq, dk, dv
     block_d = _block_d(head_dim)
-    enabled, dropout_scale, seed_lo, seed_hi, drop_threshold = _dropout_args(dropout_p, seed)
+    enabled, dropout_scale, seed_pointer, drop_threshold = _dropout_args(dropout_p, seed, cu_seqlens_q)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), DROPOUT=enabled,
                   DOT_PRECISION=_dot_precision(q.dtype))
-    scalars = (float(softmax_scale), float(softmax_scale) * LOG2E, dropout_scale, seed_lo, seed_hi, drop_threshold)
+    scalars = (float(softmax_scale), float(softmax_scale) * LOG2E, dropout_scale, seed_pointer, drop_threshold)
 
     delta = torch.empty((heads, num_q), dtype=torch.float32, device=q.device)
     if num_q > 0:

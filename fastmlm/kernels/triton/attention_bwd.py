@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from fastmlm.kernels.triton.attention_fwd import STREAM_DROPOUT
-from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask
+from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask, load_seed_words
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: jitted code may only read such globals
 
@@ -127,7 +127,7 @@ def _dkdv_query_block(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def attention_backward_dkdv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, cu_seqlens_q, cu_seqlens_k,
     stride_q_t, stride_q_h, stride_q_d,
@@ -137,7 +137,7 @@ def attention_backward_dkdv_kernel(
     stride_dk_t, stride_dk_h, stride_dk_d,
     stride_dv_t, stride_dv_h, stride_dv_d,
     stride_lse_h, stride_delta_h,
-    softmax_scale, softmax_scale_log2, dropout_scale, seed_lo, seed_hi, drop_threshold,
+    softmax_scale, softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -171,6 +171,7 @@ def attention_backward_dkdv_kernel(
     lse_base = Lse + head * stride_lse_h + q_start
     delta_base = Delta + head * stride_delta_h + q_start
     if DROPOUT:
+        seed_lo, seed_hi = load_seed_words(Seed)
         prefix = counter_hash_prefix(seed_lo, seed_hi, head + STREAM_DROPOUT)
     else:
         prefix = tl.full((), 0, tl.uint32)  # unused
@@ -251,7 +252,7 @@ def _dq_key_block(
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def attention_backward_dq_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, cu_seqlens_q, cu_seqlens_k,
     stride_q_t, stride_q_h, stride_q_d,
@@ -260,7 +261,7 @@ def attention_backward_dq_kernel(
     stride_do_t, stride_do_h, stride_do_d,
     stride_dq_t, stride_dq_h, stride_dq_d,
     stride_lse_h, stride_delta_h,
-    softmax_scale, softmax_scale_log2, dropout_scale, seed_lo, seed_hi, drop_threshold,
+    softmax_scale, softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -293,6 +294,7 @@ def attention_backward_dq_kernel(
     k_base = K + k_start.to(tl.int64) * stride_k_t + head * stride_k_h
     v_base = V + k_start.to(tl.int64) * stride_v_t + head * stride_v_h
     if DROPOUT:
+        seed_lo, seed_hi = load_seed_words(Seed)
         prefix = counter_hash_prefix(seed_lo, seed_hi, head + STREAM_DROPOUT)
         row_hash = fmix32(prefix ^ (q_start + offs_m).to(tl.uint32))
     else:

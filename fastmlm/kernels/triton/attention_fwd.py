@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask
+from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask, load_seed_words
 
 # constexpr: jitted code may only read globals declared so.
 LN2 = tl.constexpr(0.6931471805599453)
@@ -85,7 +85,7 @@ def _attend_key_block(
     return acc, new_max, row_sum
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "drop_threshold"])
+@triton.jit(do_not_specialize=["drop_threshold"])
 def attention_forward_kernel(
     Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     stride_q_t, stride_q_h, stride_q_d,
@@ -93,7 +93,7 @@ def attention_forward_kernel(
     stride_v_t, stride_v_h, stride_v_d,
     stride_o_t, stride_o_h, stride_o_d,
     stride_lse_h,
-    softmax_scale_log2, dropout_scale, seed_lo, seed_hi, drop_threshold,
+    softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -105,7 +105,9 @@ def attention_forward_kernel(
     with head stride `stride_lse_h` and token stride 1.
     cu_seqlens_q/k: int32 [batch + 1] row offsets of each sequence.
     softmax_scale_log2: softmax_scale * log2(e). dropout_scale: 1 / (1 - p).
-    seed_lo/seed_hi: the seed's 32-bit words; drop_threshold: threshold24(p).
+    Seed: 0-d int64 tensor, the dropout seed, read in the kernel only when
+    DROPOUT (no host read; a CUDA graph replays the tensor's current value);
+    drop_threshold: threshold24(p).
     HEAD_DIM: D; BLOCK_D: next power of two >= D (extra features masked).
     BLOCK_M/BLOCK_N: query/key rows per tile. CAUSAL, DROPOUT: compile-time
     switches. DOT_PRECISION: tl.dot input precision ("ieee" for fp32 inputs).
@@ -145,6 +147,7 @@ def attention_forward_kernel(
     n_full = (tl.maximum(n_full, 0) // BLOCK_N) * BLOCK_N
 
     if DROPOUT:
+        seed_lo, seed_hi = load_seed_words(Seed)
         prefix = counter_hash_prefix(seed_lo, seed_hi, head + STREAM_DROPOUT)
         row_hash = fmix32(prefix ^ (q_start + offs_m).to(tl.uint32))
     else:

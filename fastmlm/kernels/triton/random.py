@@ -52,6 +52,19 @@ def counter_hash_prefix(seed_lo, seed_hi, stream):
 
 
 @triton.jit
+def load_seed_words(seed_ptr):
+    """(seed_lo, seed_hi): the uint32 words of the int64 seed at `seed_ptr`.
+
+    The seed is read in the kernel, not passed as a scalar argument, so a
+    seed drawn on the GPU never travels to the host and a CUDA graph replays
+    whatever value the seed tensor holds at launch. int64 -> uint32 casts
+    truncate, so the high word needs no mask after the (arithmetic) shift.
+    """
+    seed = tl.load(seed_ptr).to(tl.int64)
+    return seed.to(tl.uint32), (seed >> 32).to(tl.uint32)
+
+
+@triton.jit
 def counter_hash(seed_lo, seed_hi, stream, a, b):
     """uint32 hash of (seed, stream, a, b), bit-identical to the reference.
 

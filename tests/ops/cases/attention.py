@@ -6,12 +6,18 @@ from tests.ops.harness import OpCase
 
 
 def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_lengths=None, dropout_p=0.0,
-                   fused_qkv=False, scale=None):
+                   fused_qkv=False, scale=None, seed_on_device=False):
+    """`seed_on_device`: the seed is a 0-d int64 tensor on the inputs' device, drawn over all of
+    int64 (negative values too) as a step drawn on the GPU would pass it; else a host int."""
     def build(device, dtype, generator):
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         klen = key_lengths or lengths
         cu_k = torch.tensor([0, *torch.tensor(klen).cumsum(0).tolist()], dtype=torch.int32)
         total_q, total_k = int(cu[-1]), int(cu_k[-1])
+        if seed_on_device:
+            seed = torch.randint(-2**63, 2**63 - 1, (), generator=generator, dtype=torch.int64).to(device)
+        else:
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
 
         def rand(rows):
             return torch.randn(rows, heads, head_dim, generator=generator, dtype=torch.float64).to(dtype).to(device)
@@ -24,7 +30,7 @@ def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_len
             q, k, v = rand(total_q), rand(total_k), rand(total_k)
         return {"q": q, "k": k, "v": v, "cu_seqlens": cu.to(device),
                 "cu_seqlens_k": None if key_lengths is None else cu_k.to(device),
-                "seed": int(torch.randint(0, 2**62, (), generator=generator))}
+                "seed": seed}
 
     def call(q, k, v, cu_seqlens, cu_seqlens_k, seed):
         max_q = max(lengths)
@@ -48,5 +54,8 @@ CASES = [
     attention_case("fused-qkv", [7, 12], fused_qkv=True),
     attention_case("dropout", [5, 11], dropout_p=0.3),
     attention_case("dropout-causal", [9, 4], dropout_p=0.1, causal=True, scale=0.3),
+    attention_case("dropout-device-seed", [6, 10], dropout_p=0.4, seed_on_device=True),
+    attention_case("dropout-device-seed-cross", [2, 5, 1], key_lengths=[6, 5, 4], dropout_p=0.2, causal=True,
+                   seed_on_device=True),
     attention_case("longer", [40, 33, 1], head_dim=32),
 ]
