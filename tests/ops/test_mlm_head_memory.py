@@ -29,7 +29,7 @@ DENSE_LOGITS_BYTES = M * V * 4
 LIMIT_FRACTION = 0.25
 
 _MEASURE = r"""
-import gc, json, os, resource, sys
+import gc, json, os, sys
 import torch
 from fastmlm.ops import mlm_cross_entropy, mlm_head
 from fastmlm.ops.cross_entropy import MLM_CROSS_ENTROPY
@@ -76,7 +76,10 @@ gc.collect()
 tensors = inputs(M, V, N)
 baseline = rss()
 loss = step(tensors)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+# VmHWM, the peak RSS of this process image. Not getrusage's ru_maxrss: Linux
+# carries that across fork and exec, so it would include the RSS of the
+# pytest process that started this one (a large one late in a full run).
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 kept = sum(t.grad.numel() * t.grad.element_size() for t in tensors.values() if t.requires_grad)
 kept += loss.numel() * loss.element_size()
 print(json.dumps(dict(backend=name, baseline=baseline, peak=peak, kept=kept,
