@@ -300,8 +300,10 @@ class _ChunkGradients:
     def __init__(self, logits: _ChunkedLogits, d_weight: torch.Tensor, d_bias: torch.Tensor | None):
         self.logits, self.d_weight, self.d_bias = logits, d_weight, d_bias
         rows, width = logits.rows, d_weight.shape[1]
-        # fp32 accumulator of d_hidden over chunks (the output itself for fp32).
-        self.d_hidden = torch.zeros((rows, width), dtype=torch.float32, device=d_weight.device)
+        # fp32 accumulator of d_hidden over chunks (the output itself for fp32);
+        # the first chunk writes it, later ones add to it.
+        self.d_hidden = torch.empty((rows, width), dtype=torch.float32, device=d_weight.device)
+        self.first = True
         self.partial = torch.empty_like(self.d_hidden) if logits.mode == _FP32_OUT else None
         self.ones = None
 
@@ -315,11 +317,19 @@ class _ChunkGradients:
             ignore_index, float(label_smoothing), float(z_loss), _cpu_pass_threads(), _ext.device_index(z),
             _ext.stream_handle(z))
         if mode == _FP32_OUT:
-            self.d_hidden.add_(torch.mm(dz, w, out_dtype=torch.float32, out=self.partial))
+            torch.mm(dz, w, out_dtype=torch.float32, out=self.d_hidden if self.first else self.partial)
+            if not self.first:
+                self.d_hidden.add_(self.partial)
         elif mode == _NATIVE:
-            self.d_hidden.add_(torch.mm(dz, w))
+            if self.first:
+                self.d_hidden.copy_(torch.mm(dz, w))
+            else:
+                self.d_hidden.add_(torch.mm(dz, w))
+        elif self.first:
+            torch.mm(dz, w, out=self.d_hidden)
         else:
             self.d_hidden.addmm_(dz, w)
+        self.first = False
         if mode == _WIDEN:
             self.d_weight[start:stop].copy_(torch.mm(dz.t(), logits.hidden))
         else:
