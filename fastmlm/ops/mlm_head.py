@@ -232,7 +232,12 @@ def _summed_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torc
                           torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
             targets, layer_norm_eps, ignore_index, label_smoothing, z_loss)
-    row_loss, lse, *grads = MLM_HEAD.choose(hidden_all.device.type, *args).forward_backward(*args)
+    backend = MLM_HEAD.choose(hidden_all.device.type, *args)
+    if backend.forward_backward is not None:
+        row_loss, lse, *grads = backend.forward_backward(*args)
+    else:  # any backend: its forward, then its backward with every row weighted 1
+        row_loss, lse, *activations = backend.forward(*args)
+        grads = backend.backward(torch.ones_like(row_loss), *args[:9], *activations, lse, *args[9:])
     return (row_loss.sum(), lse, *grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
 
 
