@@ -62,7 +62,7 @@ _PRETRAIN_HELP = {
     "max_grad_norm": "gradient clipping norm",
     "seed": "run seed: data order, masking, dropout and initial weights derive from it",
     "device": "auto, cpu, cuda or cuda:N",
-    "cpu_threads": "torch threads on a CPU run, 0 = torch's default (1 is fastest for small models)",
+    "cpu_threads": "torch threads on a CPU run, 0 = torch's default (1 can be faster on a busy machine)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU",
     "objective": "mlm (masked tokens) or causal (next token, causal attention)",
     "mlm_probability": "fraction of tokens selected for masking",
