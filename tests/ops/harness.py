@@ -19,7 +19,7 @@ import torch
 from torch._library import custom_ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastmlm.ops.dispatch import TABLES, use_backend
+from fastmlm.ops.dispatch import use_backend
 from tests.tolerances import assert_close, assert_equal
 
 aten = torch.ops.aten
@@ -168,7 +168,3 @@ def check_case(case: OpCase, backend: str, device: str, dtype) -> KernelWatch:
         assert a.dtype == inputs[name].dtype, f"{what}: dtype {a.dtype}, input is {inputs[name].dtype}"
         assert_close(a, e, dtype, what)
     return watch
-
-
-def backends_of(family: str) -> list[str]:
-    return list(TABLES[family].backends)
