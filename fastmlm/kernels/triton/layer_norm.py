@@ -14,8 +14,9 @@ import triton.language as tl
 
 from fastmlm.kernels.triton.cross_entropy import _INTERPRET
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# tl.constexpr: compiled (not interpreted) kernels may read only constexpr globals.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit

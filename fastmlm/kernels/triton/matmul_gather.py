@@ -14,7 +14,8 @@ import triton.language as tl
 
 from fastmlm.kernels.triton.cross_entropy import _INTERPRET
 
-_SQRT1_2 = 0.7071067811865476
+# tl.constexpr: compiled (not interpreted) kernels may read only constexpr globals.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
 
 
 def _blocks(device, *, big=64):
