@@ -1,4 +1,4 @@
-"""Compile (without running) the Triton cross-entropy and MLM-head kernels for sm_90.
+"""Compile (without running) fastmlm's Triton kernels for sm_90.
 
 Triton's interpreter runs kernels as Python and so accepts code the compiler
 rejects (it let a plain float global reach a kernel, which only compiles as a
@@ -45,6 +45,7 @@ compiler.CompiledKernel._init_handles = lambda self: None
 compiler.CompiledKernel.launch_metadata = lambda self, *args, **kwargs: None
 compiler.CompiledKernel.run = property(lambda self: (lambda *args, **kwargs: compiled.add(self.name)))
 
+import fastmlm.kernels.triton.attention as attention  # noqa: E402
 import fastmlm.kernels.triton.cross_entropy as ce  # noqa: E402
 import fastmlm.kernels.triton.matmul_gather as matmul_gather  # noqa: E402
 import fastmlm.kernels.triton.mlm_head as head  # noqa: E402
@@ -52,6 +53,7 @@ import fastmlm.kernels.triton.mlm_head as head  # noqa: E402
 # The wrappers accept CPU tensors only for the interpreter; the kernels get the
 # block sizes a GPU would use, given explicitly.
 ce._INTERPRET = True
+attention._check_device = lambda tensor, name: None  # its default GPU configs apply
 matmul_gather._blocks = lambda device, *, big=64: dict(BLOCK_M=big, BLOCK_N=big, BLOCK_K=32, num_warps=4,
                                                        num_stages=3)
 GPU_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, VOCAB_SPLITS=4, num_warps=8, num_stages=3)
@@ -76,6 +78,18 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
         head.mlm_head_backward(torch.ones(M), hidden_all, index, dense_w, norm_w, weight, bias, targets, pre, act,
                                normed, mean, rstd, lse, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                                deterministic=deterministic, config=GPU_CONFIG)
+
+# Attention: the specialisations a BERT run meets (head dims 32/64/128, causal, dropout).
+for dtype, dim, causal, dropout_p in [(torch.bfloat16, 64, c, p) for c in (False, True) for p in (0.0, 0.1)] + [
+        (torch.bfloat16, 32, False, 0.0), (torch.bfloat16, 128, True, 0.1), (torch.float16, 64, False, 0.1),
+        (torch.float32, 64, True, 0.0)]:
+    cu = torch.tensor([0, 100, 160], dtype=torch.int32)
+    q, k, v = (torch.randn(160, 2, dim).to(dtype) for _ in range(3))
+    seed = torch.tensor(7, dtype=torch.int64)
+    out, lse = attention.attention_forward(q, k, v, cu, cu, 100, 100, causal=causal, softmax_scale=dim ** -0.5,
+                                           dropout_p=dropout_p, seed=seed)
+    attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu, 100, 100, causal=causal,
+                                 softmax_scale=dim ** -0.5, dropout_p=dropout_p, seed=seed)
 
 for name in sorted(compiled):
     print("compiled", name)

@@ -10,11 +10,12 @@ SCRIPT = Path(__file__).with_name("sm90_compile_check.py")
 EXPECTED = {"_ce_forward_partials_kernel", "_ce_forward_combine_kernel", "_ce_backward_atomic_kernel",
             "_ce_backward_dhidden_kernel", "_ce_backward_dweight_kernel", "_gather_linear_gelu_kernel",
             "_gather_linear_weight_grad_kernel", "_linear_input_grad_kernel", "_layer_norm_forward_kernel",
-            "_gelu_layer_norm_backward_kernel", "_segment_scatter_kernel"}
+            "_gelu_layer_norm_backward_kernel", "_segment_scatter_kernel", "attention_forward_kernel",
+            "attention_backward_delta_kernel", "attention_backward_dkdv_kernel", "attention_backward_dq_kernel"}
 
 
 @pytest.mark.slow
-def test_cross_entropy_and_head_kernels_compile_for_sm90():
+def test_triton_kernels_compile_for_sm90():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(SCRIPT.parents[2]) + os.pathsep + env.get("PYTHONPATH", "")
