@@ -38,7 +38,7 @@ from fastmlm.model.encoder import Encoder, init_weights
 from fastmlm.model.layer import activation
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, append_spare_sequences, shift_labels_within_sequences
 from fastmlm.ops import gather_rows, masked_positions, mlm_cross_entropy, mlm_head
-from fastmlm.ops.checks import value_checks_enabled
+from fastmlm.ops.checks import no_value_checks, value_checks_enabled
 
 OBJECTIVES = ("mlm", "causal")
 
@@ -141,6 +141,13 @@ class MaskedLM(nn.Module):
 
         word = self.encoder.embeddings.word.weight
         out = MaskedLMOutput(loss=None, num_labelled=count)
+        # rows come from masked_positions and labels were range-checked by pack():
+        # the head ops need not read them back from the device again.
+        with no_value_checks():
+            self._head_outputs(out, hidden, head_rows, rows, targets, batch, word, return_logits)
+        return out
+
+    def _head_outputs(self, out, hidden, head_rows, rows, targets, batch, word, return_logits) -> None:
         if return_logits:
             out.logits = self.head.logits(gather_rows(hidden, head_rows), word)
             out.positions = batch.flat_index(rows)
@@ -150,7 +157,6 @@ class MaskedLM(nn.Module):
             out.loss = row_loss / labelled.sum().clamp(min=1)
         else:
             out.loss = self._loss(hidden, head_rows, targets)
-        return out
 
     def _loss(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         head, word = self.head, self.encoder.embeddings.word.weight

@@ -12,23 +12,17 @@ import transformers
 import fastmlm
 from fastmlm.model import Encoder, SequenceClassifier, TokenClassifier
 from tests.model.helpers import (
+    TOLERANCE,
+    check,
     IGNORE_INDEX,
-    PARITY_TOLERANCE,
     copy_from_hf,
     hf_named_grads,
     hf_twin,
     padded_batch,
-    relative_error,
     tiny_config,
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOLERANCE = {"cpu": PARITY_TOLERANCE, "cuda": 2e-3}
-
-
-def check(actual, expected, what, device):
-    error = relative_error(actual, expected)
-    assert error <= TOLERANCE[device], f"{what}: relative error {error:.2e} > {TOLERANCE[device]:.0e}"
 
 
 def encoder_from(hf_bert, config, **kwargs) -> Encoder:

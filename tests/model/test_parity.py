@@ -13,8 +13,9 @@ import transformers
 
 from fastmlm.model import Encoder, MaskedLM
 from tests.model.helpers import (
+    TOLERANCE,
+    check,
     IGNORE_INDEX,
-    PARITY_TOLERANCE,
     copy_from_hf,
     hf_named_grads,
     hf_twin,
@@ -25,13 +26,6 @@ from tests.model.helpers import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# fp32 on the GPU: Triton's fp32 dots may round through TF32, and reductions run in another order.
-TOLERANCE = {"cpu": PARITY_TOLERANCE, "cuda": 2e-3}
-
-
-def check(actual, expected, what, device):
-    error = relative_error(actual, expected)
-    assert error <= TOLERANCE[device], f"{what}: relative error {error:.2e} > {TOLERANCE[device]:.0e}"
 
 
 def check_grads(ours, hf, device):

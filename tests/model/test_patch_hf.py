@@ -15,6 +15,8 @@ import transformers
 import fastmlm
 from fastmlm.hf import unpatch_hf
 from tests.model.helpers import (
+    TOLERANCE,
+    check,
     IGNORE_INDEX,
     PARITY_TOLERANCE,
     hf_twin,
@@ -25,12 +27,6 @@ from tests.model.helpers import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOLERANCE = {"cpu": PARITY_TOLERANCE, "cuda": 2e-3}
-
-
-def check(actual, expected, what, device):
-    error = relative_error(actual, expected)
-    assert error <= TOLERANCE[device], f"{what}: relative error {error:.2e} > {TOLERANCE[device]:.0e}"
 
 
 def patched_pair(cls, config, seed, device, attn_implementation="eager", **kwargs):
