@@ -181,5 +181,5 @@ def test_mlm_head_forward_backward(benchmark, variant):
     benchmark.extra_info.update(variant=variant, device=DEVICE, dtype=str(DTYPE), masked_rows=int(index.numel()),
                                 extra_memory_bytes=extra, kept_memory_bytes=kept,
                                 transient_memory_bytes=extra - kept)
-    rounds, warmup = (30, 3) if CUDA else (3, 1)
+    rounds, warmup = (30, 3) if CUDA else (5, 1)
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)

@@ -22,6 +22,7 @@ from fastmlm.ops.checks import (
 )
 from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not, dtype_why_not, triton_why_not
 from fastmlm.ops.registration import register_autocast
+from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import cross_entropy as reference
 
 MLM_CROSS_ENTROPY = BackendTable("mlm_cross_entropy")
@@ -80,11 +81,12 @@ def _reference_backward(grad, hidden, weight, bias, targets, lse, ignore_index, 
                                             label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def _compiled_forward_backward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+def _compiled_forward_backward(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, grad_scale):
     from fastmlm.kernels.compiled import cross_entropy as kernel
 
     return kernel.cross_entropy_forward_backward(hidden, weight, bias, targets, ignore_index=ignore_index,
-                                                 label_smoothing=label_smoothing, z_loss=z_loss)
+                                                 label_smoothing=label_smoothing, z_loss=z_loss,
+                                                 grad_scale=grad_scale)
 
 
 def _compiled_fuses(hidden, weight, *args) -> bool:
@@ -150,32 +152,34 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 register_autocast(_forward_op)
 
 
-# The summed loss with its gradient computed in the forward pass. With a
-# mean or sum reduction the upstream gradient of every row is the same
-# scalar, so the gradient of sum(row_loss) can be formed while the logits are
-# at hand and only scaled in backward: a backend that keeps one chunk of the
-# whole vocabulary multiplies the logits out once instead of twice (forward,
-# then again in backward), as Liger-Kernel's fused linear cross-entropy does.
+# The scaled, summed loss `scale * sum(row_loss)` with its gradient computed
+# in the forward pass. With a mean or sum reduction the upstream gradient of
+# every row is the same scalar, so the gradient can be formed while the
+# logits are at hand: a backend that keeps one chunk of the whole vocabulary
+# multiplies the logits out once instead of twice (forward, then again in
+# backward), as Liger-Kernel's fused linear cross-entropy does. `scale`
+# (1 / count for a mean whose count is on the host) is folded into dz, so a
+# backward with upstream gradient 1 hands the gradients out untouched.
 # Used only where the serving backend says it saves work (Backend.fuses).
 @torch.library.custom_op("fastmlm::mlm_cross_entropy_summed", mutates_args=())
 def _summed_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
-               ignore_index: int, label_smoothing: float, z_loss: float
+               ignore_index: int, label_smoothing: float, z_loss: float, scale: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss)
     backend = MLM_CROSS_ENTROPY.choose(hidden.device.type, *args)
     if backend.forward_backward is not None:
-        row_loss, lse, d_hidden, d_weight, d_bias = backend.forward_backward(*args)
+        row_loss, lse, d_hidden, d_weight, d_bias = backend.forward_backward(*args, scale)
     else:
         row_loss, lse = backend.forward(*args)
-        ones = torch.ones_like(row_loss)
-        d_hidden, d_weight, d_bias = backend.backward(ones, hidden, weight, bias, targets, lse, ignore_index,
+        weights = torch.full_like(row_loss, scale)
+        d_hidden, d_weight, d_bias = backend.backward(weights, hidden, weight, bias, targets, lse, ignore_index,
                                                       label_smoothing, z_loss)
     d_bias = hidden.new_empty(0) if d_bias is None else d_bias
-    return row_loss.sum(), lse, d_hidden, d_weight, d_bias
+    return row_loss.sum() * scale, lse, d_hidden, d_weight, d_bias
 
 
 @_summed_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss):
+def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, scale):
     dtype = _stat_dtype(hidden.dtype)
     d_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype),
@@ -198,10 +202,8 @@ def _backward_summed(ctx, grad_loss, grad_lse, *unused):
         raise RuntimeError("mlm_cross_entropy with reduction 'mean'/'sum' supports one backward pass per forward "
                            "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
     ctx.used = True
-    d_hidden, d_weight, d_bias = ctx.saved_tensors
-    scale = grad_loss.to(d_hidden.dtype)
-    return (d_hidden.mul_(scale), d_weight.mul_(scale), d_bias.mul_(scale) if ctx.has_bias else None,
-            None, None, None, None)
+    d_hidden, d_weight, d_bias = scale_saved_gradients(ctx.saved_tensors, grad_loss)
+    return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, None, None, None
 
 
 _summed_op.register_autograd(_backward_summed, setup_context=_setup_summed)
@@ -265,14 +267,15 @@ def mlm_cross_entropy(
     args = (hidden, weight, bias, targets, int(ignore_index), float(label_smoothing), float(z_loss))
     if reduction == "none":
         loss, lse = _forward_op(*args)
+    elif _gradient_in_forward(args):
+        scale, divide_by = summed_loss_scale(targets, ignore_index, reduction)
+        loss, lse, *_ = _summed_op(*args, scale)
+        if divide_by is not None:
+            loss = loss / divide_by.to(loss.dtype)
     else:
-        if _gradient_in_forward(args):
-            loss, lse, *_ = _summed_op(*args)
-        else:
-            row_loss, lse = _forward_op(*args)
-            loss = row_loss.sum()
+        row_loss, lse = _forward_op(*args)
+        loss = row_loss.sum()
         if reduction == "mean":
-            count = (targets != ignore_index).sum()
-            loss = loss / count.clamp(min=1).to(loss.dtype)
+            loss = loss / mean_count(targets, ignore_index).to(loss.dtype)
     # lse is handed out detached: the kernels' backward takes no gradient through it.
     return (loss, lse.detach()) if return_lse else loss

@@ -55,9 +55,10 @@ class Backend:
     why_not: WhyNot
     forward: Callable
     backward: Optional[Callable] = None
-    # Optional: forward and the gradient of the summed output in one call,
-    # for losses whose upstream gradient is one scalar (see mlm_cross_entropy),
-    # used where `fuses(*forward_args)` says it saves work for that input.
+    # Optional: forward and the gradient of `grad_scale * sum(row_loss)` in one
+    # call, `forward_backward(*forward_args, grad_scale)`, for losses whose
+    # upstream gradient is one scalar (see ops/summed_loss.py), used where
+    # `fuses(*forward_args)` says it saves work for that input.
     forward_backward: Optional[Callable] = None
     fuses: Optional[Callable[..., bool]] = None
 

@@ -29,6 +29,7 @@ from fastmlm.ops.cross_entropy import REDUCTIONS
 from fastmlm.ops.dispatch import (Backend, BackendTable, compiled_why_not, dtype_why_not, recompute_backward,
                                    triton_why_not)
 from fastmlm.ops.registration import register_autocast
+from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import mlm_head as reference
 
 MLM_HEAD = BackendTable("mlm_head")
@@ -102,14 +103,16 @@ def _compiled_backward(grad, hidden_all, index, dense_weight, dense_bias, norm_w
 
 
 def _compiled_forward_backward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
-                               decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss):
-    # (row_loss, lse, then the 7 gradients of sum(row_loss)): Backend.forward_backward.
+                               decoder_bias, targets, layer_norm_eps, ignore_index, label_smoothing, z_loss,
+                               grad_scale):
+    # (row_loss, lse, then the 7 gradients of grad_scale * sum(row_loss)): Backend.forward_backward.
     from fastmlm.kernels.compiled import mlm_head as kernel
 
     return kernel.mlm_head_forward_backward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
                                             decoder_weight, decoder_bias, targets, layer_norm_eps=layer_norm_eps,
                                             ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                            z_loss=z_loss, deterministic=torch.are_deterministic_algorithms_enabled())
+                                            z_loss=z_loss, deterministic=torch.are_deterministic_algorithms_enabled(),
+                                            grad_scale=grad_scale)
 
 
 def _reference_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
@@ -220,25 +223,25 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 register_autocast(_forward_op)
 
 
-# The summed loss with its gradients computed in the forward pass, as
+# The scaled, summed loss with its gradients computed in the forward pass, as
 # fastmlm::mlm_cross_entropy_summed (see there): used for mean/sum losses
 # where the serving backend says it saves work (Backend.fuses).
 @torch.library.custom_op("fastmlm::mlm_head_summed", mutates_args=())
 def _summed_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torch.Tensor, dense_bias: torch.Tensor,
                norm_weight: torch.Tensor, norm_bias: torch.Tensor, decoder_weight: torch.Tensor,
                decoder_bias: Optional[torch.Tensor], targets: torch.Tensor, layer_norm_eps: float,
-               ignore_index: int, label_smoothing: float, z_loss: float
+               ignore_index: int, label_smoothing: float, z_loss: float, scale: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                           torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias,
             targets, layer_norm_eps, ignore_index, label_smoothing, z_loss)
     backend = MLM_HEAD.choose(hidden_all.device.type, *args)
     if backend.forward_backward is not None:
-        row_loss, lse, *grads = backend.forward_backward(*args)
-    else:  # any backend: its forward, then its backward with every row weighted 1
+        row_loss, lse, *grads = backend.forward_backward(*args, scale)
+    else:  # any backend: its forward, then its backward with every row weighted `scale`
         row_loss, lse, *activations = backend.forward(*args)
-        grads = backend.backward(torch.ones_like(row_loss), *args[:9], *activations, lse, *args[9:])
-    return (row_loss.sum(), lse, *grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
+        grads = backend.backward(torch.full_like(row_loss, scale), *args[:9], *activations, lse, *args[9:])
+    return (row_loss.sum() * scale, lse, *grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
 
 
 @_summed_op.register_fake
@@ -264,8 +267,9 @@ def _backward_summed(ctx, grad_loss, *unused):
         raise RuntimeError("mlm_head with reduction 'mean'/'sum' supports one backward pass per forward "
                            "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
     ctx.used = True
-    grads = [g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
-    return (grads[0], None, *grads[1:6], grads[6] if ctx.has_decoder_bias else None, None, None, None, None, None)
+    grads = scale_saved_gradients(ctx.saved_tensors, grad_loss)
+    return (grads[0], None, *grads[1:6], grads[6] if ctx.has_decoder_bias else None, None, None, None, None, None,
+            None)
 
 
 _summed_op.register_autograd(_backward_summed, setup_context=_setup_summed)
@@ -347,8 +351,9 @@ def mlm_head(
             targets, float(layer_norm_eps), int(ignore_index), float(label_smoothing), float(z_loss))
     if reduction == "none":
         return _forward_op(*args)[0]
-    loss = _summed_op(*args)[0] if _gradient_in_forward(args) else _forward_op(*args)[0].sum()
-    if reduction == "sum":
-        return loss
-    count = (targets != ignore_index).sum()
-    return loss / count.clamp(min=1).to(loss.dtype)
+    if _gradient_in_forward(args):
+        scale, divide_by = summed_loss_scale(targets, ignore_index, reduction)
+        loss = _summed_op(*args, scale)[0]
+        return loss if divide_by is None else loss / divide_by.to(loss.dtype)
+    loss = _forward_op(*args)[0].sum()
+    return loss if reduction == "sum" else loss / mean_count(targets, ignore_index).to(loss.dtype)

@@ -86,6 +86,38 @@ def test_matches_reference(dtype, label_smoothing, z_loss):
     run_and_compare(*inputs, tol=TOLERANCE[dtype], chunk_size=300, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-logits", "mkl-logits"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_backward_in_one_chunk(dtype, onednn, bias, monkeypatch):
+    # The CPU one-chunk path: logits multiplied out once (oneDNN's linear where torch has
+    # it and it is enabled), dz written over them; gradients of grad_scale * sum(row_loss).
+    rows, vocab = 13, 301
+    assert ce.fits_one_chunk("cpu", rows, vocab)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
+    assert ce._onednn_linear_available() == (onednn and torch.backends.mkldnn.is_available())
+    hidden, weight, b, targets, _ = make_inputs(rows, 24, vocab, dtype, bias=bias, ignored=3)
+    hidden = hidden.t().contiguous().t()  # column-major: the linear must honour strides
+    out = ce.cross_entropy_forward_backward(hidden, weight, b, targets, ignore_index=IGNORE, label_smoothing=0.1,
+                                            z_loss=1e-3, grad_scale=0.3)
+    ref = reference(hidden, weight, b, targets, torch.full((rows,), 0.3), label_smoothing=0.1, z_loss=1e-3)
+    assert out[2].dtype == out[3].dtype == dtype and (out[4] is None) == (not bias)
+    for name, got, expected in zip(["row_loss", "lse", "d_hidden", "d_weight", "d_bias"], out, ref):
+        if expected is not None:
+            err = relative_error(got, expected)
+            assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+def test_forward_backward_streamed_applies_grad_scale():
+    # Too large for one chunk (or a chunk size given): forward, then the chunked backward weighted grad_scale.
+    hidden, weight, b, targets, _ = make_inputs(9, 16, 251, torch.float32, ignored=2)
+    out = ce.cross_entropy_forward_backward(hidden, weight, b, targets, ignore_index=IGNORE, chunk_size=64,
+                                            grad_scale=-2.0)
+    ref = reference(hidden, weight, b, targets, torch.full((9,), -2.0))
+    for got, expected in zip(out, ref):
+        assert relative_error(got, expected) < 1e-5
+
+
 @pytest.mark.parametrize("vocab,chunk_size", [(41, 1), (251, 7), (251, 64), (251, 250), (251, 251), (251, 4096),
                                               (251, None)])
 def test_chunk_sizes(vocab, chunk_size):

@@ -187,14 +187,14 @@ def test_deterministic_backward_is_repeatable(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 1, 16, 37), (64, 33, 48, 301), (12, 0, 16, 37)])
 def test_forward_backward_matches_reference(shape, dtype, device):
-    # Gradients of sum(row_loss), formed at forward time.
+    # Gradients of grad_scale * sum(row_loss), formed at forward time.
     params, index, targets, _ = make_inputs(*shape, dtype, device, seed=9, duplicates=True)
     fused = kernel.mlm_head_forward_backward(
         params["hidden_all"], index, *[params[k] for k in PARAM_NAMES[1:]], targets, layer_norm_eps=EPS,
-        ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3)
+        ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3, grad_scale=0.25)
     assert len(fused) == 9
-    ones = torch.ones(index.shape[0], device=device)
-    check_against_reference(params, index, targets, ones, fused[0], fused[1], fused[2:], ls=0.1, zl=1e-3)
+    weights = torch.full((index.shape[0],), 0.25, device=device)
+    check_against_reference(params, index, targets, weights, fused[0], fused[1], fused[2:], ls=0.1, zl=1e-3)
 
 
 def test_bad_inputs_raise():

@@ -41,11 +41,12 @@ def test_opcheck_summed_cross_entropy(with_bias):
     # Its backward scales the saved gradients in place and hands them out, so
     # the parameters' .grad is that tensor and no second [V, H] copy is made;
     # opcheck's AOT test rejects a backward that mutates saved outputs, so it
-    # is left out here (test_compile_fullgraph_over_every_op compiles it).
+    # is left out here. Compiled code never traces it (the plain op is used while compiling);
+    # the eager half of test_compile_fullgraph_over_every_op runs it.
     name, args = _samples()[4]
     hidden, weight, bias, targets = args[:4]
     torch.library.opcheck(ops.mlm_cross_entropy_summed.default,
-                          (hidden, weight, bias if with_bias else None, targets, -100, 0.1, 1e-3),
+                          (hidden, weight, bias if with_bias else None, targets, -100, 0.1, 1e-3, 0.5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -57,7 +58,7 @@ def test_opcheck_summed_mlm_head():
     params = [p.requires_grad_() for p in params]
     targets = torch.tensor([3, -100, 39, 0])
     torch.library.opcheck(ops.mlm_head_summed.default,
-                          (hidden_all, torch.tensor([0, 4, 4, 8]), *params, targets, 1e-12, -100, 0.1, 1e-3),
+                          (hidden_all, torch.tensor([0, 4, 4, 8]), *params, targets, 1e-12, -100, 0.1, 1e-3, 0.5),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -180,9 +180,10 @@ def mlm_head_forward_backward(hidden_all: torch.Tensor, index: torch.Tensor, den
                               dense_bias: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                               decoder_weight: torch.Tensor, decoder_bias: Optional[torch.Tensor],
                               targets: torch.Tensor, *, layer_norm_eps: float, ignore_index: int,
-                              label_smoothing: float, z_loss: float, deterministic: bool = False):
+                              label_smoothing: float, z_loss: float, deterministic: bool = False,
+                              grad_scale: float = 1.0):
     """(row_loss, lse, d_hidden_all, d_dense_weight, d_dense_bias, d_norm_weight, d_norm_bias, d_decoder_weight,
-    d_decoder_bias or None): the forward and the gradient of sum(row_loss), in one call.
+    d_decoder_bias or None): the forward and the gradient of grad_scale * sum(row_loss), in one call.
 
     For a mean or sum reduction every row's upstream gradient is one scalar, so the
     gradients are known at forward time up to that factor. The cross-entropy part is
@@ -196,7 +197,7 @@ def mlm_head_forward_backward(hidden_all: torch.Tensor, index: torch.Tensor, den
                                                             norm_weight, norm_bias, layer_norm_eps)
     row_loss, lse, d_normed, d_decoder_weight, d_decoder_bias = ce.cross_entropy_forward_backward(
         normed, decoder_weight, decoder_bias, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss)
+        z_loss=z_loss, grad_scale=grad_scale)
     del normed
     grads = _transform_backward(d_normed, hidden_all, index, dense_weight, norm_weight, norm_bias, pre, act,
                                 ln_mean, ln_rstd, deterministic)

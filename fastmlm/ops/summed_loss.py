@@ -1,0 +1,45 @@
+"""What the `*_summed` ops share: the loss `scale * sum(row_loss)` whose
+gradients are formed in the forward pass (docs/ops.md, "Gradient in the
+forward pass"); used by `mlm_cross_entropy` and `mlm_head`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def mean_count(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The number of non-ignored targets, at least 1 (a mean over none is 0), as a tensor: no host sync."""
+    return (targets != ignore_index).sum().clamp(min=1)
+
+
+def summed_loss_scale(targets: torch.Tensor, ignore_index: int,
+                      reduction: str) -> tuple[float, Optional[torch.Tensor]]:
+    """(scale for the summed op, a count to divide its loss by afterwards, or None).
+
+    On the CPU a mean's count is read for free, so 1 / count is folded into the
+    gradients at forward time and a backward whose upstream gradient is 1 has no
+    [V, H] pass to make. Elsewhere reading it would wait for the device: the op
+    sums with scale 1 and the loss is divided by the count tensor, whose
+    gradient autograd hands to the op's backward to scale with.
+    """
+    if reduction == "sum":
+        return 1.0, None
+    count = mean_count(targets, ignore_index)
+    if count.device.type == "cpu":
+        return 1.0 / int(count), None
+    return 1.0, count
+
+
+def scale_saved_gradients(saved: Sequence[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
+    """The summed op's saved gradients times its upstream gradient, scaled in place.
+
+    In place and handed out, so they become the parameters' .grad with no second
+    [V, H] copy; hence one backward per forward (the caller enforces it).
+    """
+    # `loss.backward()` on a sum or a CPU mean sends exactly 1: nothing to scale,
+    # and reading a CPU scalar costs no sync (not while tracing: no values there).
+    if not torch.compiler.is_compiling() and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        return list(saved)
+    return [g.mul_(grad_loss.to(g.dtype)) for g in saved]

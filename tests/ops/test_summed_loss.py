@@ -1,0 +1,99 @@
+"""The gradient-in-forward path of mlm_cross_entropy and mlm_head (fastmlm/ops/summed_loss.py).
+
+On the CPU, with the `cpu` backend and logits that fit one chunk, a mean or sum
+loss goes through the `*_summed` op: a mean folds 1 / count into the gradients
+at forward time, a backward with upstream gradient exactly 1 hands them out
+untouched, any other upstream gradient scales them in place. Each case is
+checked against the `torch` backend (plain autograd) in fp64-free fp32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmlm.kernels.compiled import cross_entropy as ce
+from fastmlm.ops import mlm_cross_entropy, mlm_head, use_backend
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.skipif(ce.available("cpu") is not None, reason=str(ce.available("cpu")))
+
+IGNORE = -100
+
+
+def _cross_entropy_problem(seed, all_ignored=False):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(11, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g) * 0.3
+    bias = torch.randn(37, generator=g)
+    targets = torch.randint(0, 37, (11,), generator=g)
+    targets[::3] = IGNORE
+    if all_ignored:
+        targets.fill_(IGNORE)
+    leaves = [hidden, weight, bias]
+
+    def loss_of(tensors, reduction):
+        return mlm_cross_entropy(tensors[0], tensors[1], targets, tensors[2], ignore_index=IGNORE,
+                                 reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+    return leaves, loss_of
+
+
+def _head_problem(seed, all_ignored=False):
+    g = torch.Generator().manual_seed(seed)
+    width, vocab = 16, 37
+    leaves = [torch.randn(9, width, generator=g), torch.randn(width, width, generator=g) * 0.25,
+              torch.randn(width, generator=g), 1 + 0.1 * torch.randn(width, generator=g),
+              torch.randn(width, generator=g), torch.randn(vocab, width, generator=g) * 0.25,
+              torch.randn(vocab, generator=g)]
+    index = torch.tensor([0, 4, 4, 8, 2])
+    targets = torch.tensor([3, IGNORE, 36, 0, 7])
+    if all_ignored:
+        targets.fill_(IGNORE)
+
+    def loss_of(tensors, reduction):
+        return mlm_head(tensors[0], index, *tensors[1:], targets, ignore_index=IGNORE, reduction=reduction,
+                        label_smoothing=0.1, z_loss=1e-3)
+    return leaves, loss_of
+
+
+PROBLEMS = {"mlm_cross_entropy": _cross_entropy_problem, "mlm_head": _head_problem}
+
+
+def _loss_and_grads(backend, family, leaves, loss_of, reduction, upstream):
+    tensors = [t.clone().requires_grad_() for t in leaves]
+    with use_backend(backend, family):
+        loss = loss_of(tensors, reduction)
+        node = type(loss.grad_fn).__name__
+        if upstream is None:
+            loss.backward()
+        else:
+            loss.backward(torch.tensor(upstream))
+    return loss.detach(), [t.grad for t in tensors], node
+
+
+@pytest.mark.parametrize("family", list(PROBLEMS))
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [None, 2.5, 0.0], ids=["backward()", "upstream-2.5", "upstream-0"])
+@pytest.mark.parametrize("all_ignored", [False, True], ids=["labelled", "all-ignored"])
+def test_summed_path_matches_autograd(family, reduction, upstream, all_ignored):
+    leaves, loss_of = PROBLEMS[family](seed=3, all_ignored=all_ignored)
+    loss, grads, node = _loss_and_grads("cpu", family, leaves, loss_of, reduction, upstream)
+    # The loss is the summed op's own output: a CPU mean's 1 / count is inside the op, not a division after it.
+    assert "summed" in node, f"expected the {family} summed op to produce the loss, got {node}"
+    expected_loss, expected_grads, _ = _loss_and_grads("torch", family, leaves, loss_of, reduction, upstream)
+    assert_close(loss, expected_loss, torch.float32, "loss")
+    for i, (a, e) in enumerate(zip(grads, expected_grads)):
+        assert torch.isfinite(a).all(), f"gradient {i} has non-finite values"
+        assert_close(a, e, torch.float32, f"gradient {i}")
+    if all_ignored:
+        assert loss.item() == 0.0 and all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("family", list(PROBLEMS))
+def test_summed_path_refuses_a_second_backward(family):
+    leaves, loss_of = PROBLEMS[family](seed=4)
+    tensors = [t.clone().requires_grad_() for t in leaves]
+    with use_backend("cpu", family):
+        loss = loss_of(tensors, "mean")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
