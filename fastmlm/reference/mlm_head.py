@@ -58,7 +58,8 @@ def mlm_head_forward_saved(hidden_all, index, dense_weight, dense_bias, norm_wei
     act = F.gelu(pre.to(dtype), approximate="none").to(hidden_all.dtype)
     act_c = act.to(dtype)
     ln_mean = act_c.mean(dim=-1)
-    ln_rstd = torch.rsqrt(act_c.var(dim=-1, unbiased=False) + layer_norm_eps)
+    # The biased variance written out: var() warns on an empty selection ([0, H]).
+    ln_rstd = torch.rsqrt((act_c - ln_mean[:, None]).square().mean(dim=-1) + layer_norm_eps)
     normed = ((act_c - ln_mean[:, None]) * ln_rstd[:, None] * norm_weight.to(dtype)
               + norm_bias.to(dtype)).to(hidden_all.dtype)
     row_loss, lse = cross_entropy_forward(normed, decoder_weight, decoder_bias, targets,
