@@ -11,8 +11,10 @@ Variants (all validated against `hf_dense`'s loss before timing):
   * liger (GPU):  HF's head transform on the gathered rows, then Liger-Kernel's
                   `LigerFusedLinearCrossEntropyLoss`;
   * cce (GPU):    the gathered transform, then Apple's `cut_cross_entropy.linear_cross_entropy`
-                  (impl "cce"; it has no bias argument, so the decoder bias, zeroed in
-                  `make_problem` as BERT initialises it, is left out).
+                  (impl "cce" with its default gradient filtering, filter_eps="high", which
+                  skips gradient blocks it deems negligible: fastmlm and Liger compute every
+                  one; it has no bias argument, so the decoder bias, zeroed in `make_problem`
+                  as BERT initialises it, is left out).
 Every variant uses `head.predictions.decoder.bias`, the bias HF's forward adds (in this
 transformers version it is not tied to `head.predictions.bias` outside a full model).
 bf16 on GPU, fp32 on CPU. `extra_info` holds, from one untimed step started with no
