@@ -89,7 +89,8 @@ def test_matches_reference(dtype, label_smoothing, z_loss):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("onednn", [True, False], ids=["onednn-logits", "mkl-logits"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_backward_in_one_chunk(dtype, onednn, bias, monkeypatch):
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+def test_forward_backward_in_one_chunk(dtype, onednn, bias, strided, monkeypatch):
     # The CPU one-chunk path: logits multiplied out once (oneDNN's linear where torch has
     # it and it is enabled), dz written over them; gradients of grad_scale * sum(row_loss).
     rows, vocab = 13, 301
@@ -97,7 +98,9 @@ def test_forward_backward_in_one_chunk(dtype, onednn, bias, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", onednn)
     assert ce._onednn_linear_available() == (onednn and torch.backends.mkldnn.is_available())
     hidden, weight, b, targets, _ = make_inputs(rows, 24, vocab, dtype, bias=bias, ignored=3)
-    hidden = hidden.t().contiguous().t()  # column-major: the linear must honour strides
+    if strided:  # column-major hidden and weight, every other element of a bias twice as long
+        hidden, weight = hidden.t().contiguous().t(), weight.t().contiguous().t()
+        b = None if b is None else torch.stack([b, torch.full_like(b, 1e4)], dim=1).reshape(-1)[::2]
     out = ce.cross_entropy_forward_backward(hidden, weight, b, targets, ignore_index=IGNORE, label_smoothing=0.1,
                                             z_loss=1e-3, grad_scale=0.3)
     ref = reference(hidden, weight, b, targets, torch.full((rows,), 0.3), label_smoothing=0.1, z_loss=1e-3)

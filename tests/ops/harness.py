@@ -91,6 +91,21 @@ class KernelWatch(TorchDispatchMode):
         return out
 
 
+def strided_view(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s values as a non-contiguous view, for the cases that check strides are honoured.
+
+    A matrix is stored transposed (column-major); a vector is every other element of a
+    buffer twice as long whose gaps hold NaN (0 for integers), so a kernel that assumes
+    unit stride reads NaN, or the wrong rows, and the case fails on its output.
+    """
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    gap = float("nan") if t.is_floating_point() else 0
+    buffer = torch.full((2 * t.numel(),), gap, dtype=t.dtype, device=t.device)
+    buffer[::2] = t.reshape(-1)
+    return buffer[::2].view(t.shape)
+
+
 def case_generator(case: OpCase, device: str, dtype) -> torch.Generator:
     """Inputs differ per case, device and dtype, and are the same on every run (a failure reproduces)."""
     seed = zlib.crc32(f"{case.id}-{device}-{dtype}".encode())

@@ -186,8 +186,12 @@ class _ChunkedLogits:
 
     def whole(self, w: torch.Tensor) -> torch.Tensor:
         """Logits of the whole vocabulary, contiguous fp32 [M, V] (the one-chunk CPU path)."""
-        if self.hidden.device.type == "cpu" and self.mode in (_FP32, _WIDEN) and _onednn_linear_available():
-            b = None if self.bias is None else self.bias.float()
+        if (self.hidden.device.type == "cpu" and self.mode in (_FP32, _WIDEN) and w.is_contiguous()
+                and _onednn_linear_available()):
+            # The bias must be contiguous: torch 2.13's op reads a strided bias as if it
+            # were dense (wrong logits, no error). A [V] copy is cheap; the weight is not,
+            # so a strided weight takes the MKL path instead.
+            b = None if self.bias is None else self.bias.float().contiguous()
             return torch.ops.mkldnn._linear_pointwise(self.hidden, w, b, "none", [], "")
         return self.logits(0, w.shape[0], w)
 

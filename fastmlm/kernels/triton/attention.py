@@ -176,6 +176,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     is on. See docs/ops.md `attention`.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, dropout_p)
+    # The kernels read the offsets with unit stride (a copy of batch + 1 ints if strided).
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     num_q, heads, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1
     out = torch.empty((num_q, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -204,6 +206,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     Deterministic: every gradient element is written by one program, no atomics.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, dropout_p)
+    # The kernels read the offsets with unit stride (a copy of batch + 1 ints if strided).
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     for name, tensor in (("grad_out", grad_out), ("out", out)):
         if not isinstance(tensor, torch.Tensor) or tensor.shape != q.shape or tensor.device != q.device:
             raise ValueError(f"{name} must match q's shape {tuple(q.shape)} and device {q.device}")

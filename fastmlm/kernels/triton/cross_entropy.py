@@ -354,7 +354,8 @@ def cross_entropy_forward(hidden, weight, bias, targets, *, ignore_index, label_
     cfg = resolve_config(M, V, H, hidden.dtype, device, config)
     blocks_per_split, splits = _vocab_split(V, cfg["BLOCK_V"], cfg["VOCAB_SPLITS"])
     parts = torch.empty((4, splits, M), dtype=torch.float32, device=device)
-    bias_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
+    # The bias is read with unit stride (a [V] copy if strided); never read when HAS_BIAS is False.
+    bias_arg = bias.contiguous() if bias is not None else weight
     _ce_forward_partials_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), splits)](
         hidden, weight, bias_arg, targets, parts[0], parts[1], parts[2], parts[3],
         M, V, H, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -379,7 +380,7 @@ def cross_entropy_backward(grad_row_loss, hidden, weight, bias, targets, lse, *,
                 None if bias is None else torch.zeros_like(bias))
     cfg = resolve_config(M, V, H, dtype, device, config)
     opts = _launch_options(cfg)
-    bias_arg = bias if bias is not None else weight
+    bias_arg = bias.contiguous() if bias is not None else weight
     common = (M, V, H, grad_row_loss.stride(0), hidden.stride(0), hidden.stride(1),
               weight.stride(0), weight.stride(1), targets.stride(0),
               ignore_index, float(label_smoothing), float(z_loss))

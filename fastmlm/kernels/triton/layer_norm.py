@@ -71,6 +71,7 @@ def _gelu_layer_norm_backward_kernel(
 def layer_norm_forward(x, weight, bias, eps):
     """(y [M, H] in x's dtype, mean fp32 [M], rstd fp32 [M]); x needs unit column stride."""
     M, H = x.shape
+    weight, bias = weight.contiguous(), bias.contiguous()  # read with unit stride
     y = torch.full((M, H), float("nan"), dtype=x.dtype, device=x.device)
     mean = torch.full((M,), float("nan"), dtype=torch.float32, device=x.device)
     rstd = torch.full_like(mean, float("nan"))
@@ -86,7 +87,7 @@ def gelu_layer_norm_backward(d_normed, pre, act, mean, rstd, weight):
     """(d_pre [M, H] in pre's dtype, d_norm_weight [H], d_norm_bias [H] in weight's dtype)."""
     M, H = pre.shape
     device = pre.device
-    d_normed = d_normed.contiguous()
+    d_normed, weight = d_normed.contiguous(), weight.contiguous()
     d_pre = torch.full((M, H), float("nan"), dtype=pre.dtype, device=device)
     if M == 0:
         return d_pre, torch.zeros_like(weight), torch.zeros_like(weight)

@@ -145,6 +145,7 @@ def _segment_scatter_kernel(d_rows_ptr, sorted_index_ptr, order_ptr, out_ptr, M,
 def gather_linear_gelu(hidden_all, index, weight, bias):
     """(pre, act) [M, N] in hidden_all's dtype: pre = hidden_all[index] @ weight.T + bias."""
     M, N, K = index.shape[0], weight.shape[0], weight.shape[1]
+    index, bias = index.contiguous(), bias.contiguous()  # the kernel reads vectors with unit stride
     pre = torch.full((M, N), float("nan"), dtype=hidden_all.dtype, device=hidden_all.device)
     act = torch.full_like(pre, float("nan"))
     if M == 0:
@@ -161,6 +162,7 @@ def gather_linear_gelu(hidden_all, index, weight, bias):
 def gather_linear_weight_grad(d_pre, hidden_all, index):
     """(d_weight [N, K], d_bias [N]) in hidden_all's dtype; d_pre contiguous [M, N]."""
     M, N = d_pre.shape
+    index = index.contiguous()  # read with unit stride
     K = hidden_all.shape[1]
     device = hidden_all.device
     d_weight = torch.full((N, K), float("nan"), dtype=torch.float32, device=device)
@@ -183,6 +185,7 @@ def linear_input_grad_scatter(d_pre, weight, index, num_rows, *, deterministic):
     M, N = d_pre.shape
     K = weight.shape[1]
     device, dtype = weight.device, weight.dtype
+    index = index.contiguous()  # read with unit stride
     if M == 0:
         return torch.zeros((num_rows, K), dtype=dtype, device=device)
     cfg = _blocks(device)

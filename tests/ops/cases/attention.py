@@ -2,7 +2,7 @@
 import torch
 
 from fastmlm.ops import attention
-from tests.ops.harness import OpCase
+from tests.ops.harness import OpCase, strided_view
 
 
 def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_lengths=None, dropout_p=0.0,
@@ -28,6 +28,8 @@ def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_len
             q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         else:
             q, k, v = rand(total_q), rand(total_k), rand(total_k)
+        if fused_qkv:  # the offsets as strided views too (every other element of a longer buffer)
+            cu, cu_k = strided_view(cu), strided_view(cu_k)
         return {"q": q, "k": k, "v": v, "cu_seqlens": cu.to(device),
                 "cu_seqlens_k": None if key_lengths is None else cu_k.to(device),
                 "seed": seed}

@@ -2,21 +2,23 @@
 import torch
 
 from fastmlm.ops import mlm_cross_entropy
-from tests.ops.harness import OpCase
+from tests.ops.harness import OpCase, strided_view
 
 
 def ce_case(name, rows, hidden_size, vocab, *, bias=True, ignored=0.2, reduction="mean", label_smoothing=0.0,
             z_loss=0.0, scale=1.0, strided=False):
     def build(device, dtype, generator):
-        width = hidden_size * 2 if strided else hidden_size
-        hidden = torch.randn(rows, width, generator=generator, dtype=torch.float64)
-        hidden = hidden[:, :hidden_size] if strided else hidden
+        hidden = torch.randn(rows, hidden_size, generator=generator, dtype=torch.float64)
         weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (scale / hidden_size**0.5)
         b = torch.randn(vocab, generator=generator, dtype=torch.float64) if bias else None
         targets = torch.randint(0, vocab, (rows,), generator=generator)
         targets = torch.where(torch.rand(rows, generator=generator) < ignored, -100, targets)
-        return {"hidden": hidden.to(dtype).to(device), "weight": weight.to(dtype).to(device),
-                "bias": None if b is None else b.to(dtype).to(device), "targets": targets.to(device)}
+        inputs = {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": None if b is None else b.to(dtype),
+                  "targets": targets}
+        inputs = {k: None if t is None else t.to(device) for k, t in inputs.items()}
+        if strided:  # views into larger or transposed storage, made after the cast
+            inputs = {k: None if t is None else strided_view(t) for k, t in inputs.items()}
+        return inputs
 
     def call(hidden, weight, bias, targets):
         return mlm_cross_entropy(hidden, weight, targets, bias, reduction=reduction, label_smoothing=label_smoothing,
@@ -35,6 +37,7 @@ CASES = [
     ce_case("label-smoothing", 8, 32, 90, label_smoothing=0.1),
     ce_case("z-loss", 8, 32, 90, z_loss=1e-3),
     ce_case("large-logits", 6, 16, 64, scale=300.0),
-    ce_case("strided-hidden", 10, 16, 45, strided=True),
+    ce_case("strided-inputs", 10, 16, 45, strided=True),
+    ce_case("strided-inputs-sum", 10, 16, 45, strided=True, reduction="sum", label_smoothing=0.1),
     ce_case("wide-vocab", 17, 32, 700, label_smoothing=0.05, z_loss=1e-4),
 ]

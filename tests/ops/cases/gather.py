@@ -2,19 +2,20 @@
 import torch
 
 from fastmlm.ops import gather_rows
-from tests.ops.harness import OpCase
+from tests.ops.harness import OpCase, strided_view
 
 
 def gather_case(name, rows, width, picks, *, index_dtype=torch.int64, strided=False, repeats=True):
     def build(device, dtype, generator):
         full_width = width * 2 if strided else width
         x = torch.randn(rows, full_width, generator=generator, dtype=torch.float64).to(dtype)
-        x = x[:, ::2] if strided else x  # rows with a stride: a non-contiguous view
+        x = x[:, ::2] if strided else x  # rows with a stride, and below an index with one
         if repeats:
             index = torch.randint(0, rows, (picks,), generator=generator)
         else:
             index = torch.randperm(rows, generator=generator)[:picks]
-        return {"x": x.to(device), "index": index.to(index_dtype).to(device)}
+        index = index.to(index_dtype).to(device)
+        return {"x": x.to(device), "index": strided_view(index) if strided else index}
 
     return OpCase("gather_rows", name, build, lambda x, index: gather_rows(x, index), grads=("x",))
 
