@@ -29,6 +29,9 @@ def _layout(cu_q, cu_k, max_q, max_k, causal, total_q):
 
 
 def _padded(t, rows):
+    # The CPU flash kernel assumes unit stride along D without checking (a [T, H, D]
+    # view of [T, D, H] storage gives garbage), and t[rows] keeps t's stride order.
+    t = t if t.stride(-1) == 1 else t.contiguous()
     return t[rows].permute(0, 2, 1, 3)  # [B, H, L, D]
 
 
@@ -49,11 +52,13 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, *,
     if total_q == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     rows_q, rows_k, mask, sees_any, seq, pos = _layout(cu_q, cu_k, max_q, max_k, causal, total_q)
-    # Re-pad out, grad_out and lse. Padding rows and queries that see no key
-    # get zero gradient and lse 0, which makes their softmax terms finite and
-    # their contribution exactly 0.
-    lse_padded = torch.zeros(rows_q.shape[0], heads, rows_q.shape[1], dtype=torch.float32, device=q.device)
-    lse_padded[seq, :, pos] = torch.where(torch.isinf(lse), 0.0, lse).T
+    # Re-pad out, grad_out and lse. Padding rows and queries that see no key get
+    # zero gradient and lse +inf: their softmax weights exp(s - lse) are then 0
+    # for every finite score s, so they contribute exactly 0 (lse 0 overflowed to
+    # inf * 0 = NaN once a score exceeded ~88, and padding slots alias row 0).
+    lse_padded = torch.full((rows_q.shape[0], heads, rows_q.shape[1]), float("inf"), dtype=torch.float32,
+                            device=q.device)
+    lse_padded[seq, :, pos] = torch.where(torch.isinf(lse), float("inf"), lse).T
     grad_padded = torch.zeros(rows_q.shape[0], rows_q.shape[1], heads, q.shape[2], dtype=q.dtype, device=q.device)
     grad_padded[seq, pos] = grad_out.to(q.dtype)
     out_padded = torch.zeros_like(grad_padded)

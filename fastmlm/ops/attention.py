@@ -7,6 +7,7 @@ those, so forward and backward may be served by different backends.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -85,7 +86,10 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q:
                 cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool,
                 softmax_scale: float, dropout_p: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, seed)
-    return ATTENTION.choose(q.device.type, *args).forward(*args)
+    out, lse = ATTENTION.choose(q.device.type, *args).forward(*args)
+    # Contiguous whatever the backend or the inputs' strides, as the fake promises
+    # (Inductor lays out its buffers from the fake and checks the real strides).
+    return out.contiguous(), lse.contiguous()
 
 
 @_forward_op.register_fake
@@ -101,13 +105,15 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     forward_args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, seed)
     backend = ATTENTION.choose(q.device.type, *forward_args)
-    return backend.backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            causal, softmax_scale, dropout_p, seed)
+    grads = backend.backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             causal, softmax_scale, dropout_p, seed)
+    return tuple(g.contiguous() for g in grads)  # as the fake says, for any input strides
 
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # Contiguous, not empty_like: q, k, v may be strided views (of a fused projection, say).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -188,6 +194,8 @@ def attention(
         raise ValueError(f"cu_seqlens has {cu_seqlens.shape[0]} entries, cu_seqlens_k {cu_seqlens_k.shape[0]}")
     check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not (math.isfinite(scale) and abs(scale) <= torch.finfo(torch.float32).max):
+        raise ValueError(f"softmax_scale must be finite in float32, got {softmax_scale}")
     out, _ = _forward_op(q, k, v, cu_seqlens, cu_seqlens_k, int(max_seqlen), int(max_seqlen_k), bool(causal), scale,
                          float(dropout_p), seed_tensor(seed, q.device))
     return out

@@ -36,6 +36,23 @@ def test_opcheck(name, args):
     torch.library.opcheck(getattr(ops, name).default, args)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_opcheck_attention_on_strided_views(backend):
+    # q, k, v as [T, H, D] views of one [3, H, T, D] buffer: the fake and real outputs must
+    # agree on strides (Inductor lays out buffers from the fake and asserts the real ones).
+    from fastmlm.ops import use_backend
+
+    x = torch.randn(3, 2, 7, 16, generator=torch.Generator().manual_seed(4))
+    q, k, v = (x[i].transpose(0, 1).requires_grad_() for i in range(3))
+    cu = torch.tensor([0, 2, 7], dtype=torch.int32)
+    with use_backend(backend, "attention"):
+        torch.library.opcheck(ops.attention.default, (q, k, v, cu, cu, 5, 5, False, 0.25, 0.0, torch.tensor(0)))
+        out, lse = ops.attention.default(q, k, v, cu, cu, 5, 5, False, 0.25, 0.0, torch.tensor(0))
+        torch.library.opcheck(ops.attention_backward.default,
+                              (torch.randn_like(out), q, k, v, out, lse, cu, cu, 5, 5, False, 0.25, 0.0,
+                               torch.tensor(0)), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_opcheck_summed_cross_entropy(with_bias):
     # Its backward scales the saved gradients in place and hands them out, so

@@ -6,9 +6,10 @@ from tests.ops.harness import OpCase, strided_view
 
 
 def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_lengths=None, dropout_p=0.0,
-                   fused_qkv=False, scale=None, seed_on_device=False):
+                   fused_qkv=False, scale=None, seed_on_device=False, dim_major=False):
     """`seed_on_device`: the seed is a 0-d int64 tensor on the inputs' device, drawn over all of
-    int64 (negative values too) as a step drawn on the GPU would pass it; else a host int."""
+    int64 (negative values too) as a step drawn on the GPU would pass it; else a host int.
+    `dim_major`: q, k, v are [T, H, D] views of [T, D, H] storage (head dim not innermost)."""
     def build(device, dtype, generator):
         cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
         klen = key_lengths or lengths
@@ -20,6 +21,9 @@ def attention_case(name, lengths, *, heads=2, head_dim=16, causal=False, key_len
             seed = int(torch.randint(0, 2**62, (), generator=generator))
 
         def rand(rows):
+            if dim_major:
+                t = torch.randn(rows, head_dim, heads, generator=generator, dtype=torch.float64)
+                return t.to(dtype).to(device).transpose(1, 2)
             return torch.randn(rows, heads, head_dim, generator=generator, dtype=torch.float64).to(dtype).to(device)
 
         if fused_qkv:
@@ -54,6 +58,7 @@ CASES = [
     attention_case("fewer-queries-causal", [2, 5, 1], key_lengths=[6, 5, 4], causal=True),
     attention_case("more-queries-causal", [6, 3], key_lengths=[2, 3], causal=True),
     attention_case("fused-qkv", [7, 12], fused_qkv=True),
+    attention_case("head-dim-not-innermost", [3, 5], dim_major=True),
     attention_case("dropout", [5, 11], dropout_p=0.3),
     attention_case("dropout-causal", [9, 4], dropout_p=0.1, causal=True, scale=0.3),
     attention_case("dropout-device-seed", [6, 10], dropout_p=0.4, seed_on_device=True),
