@@ -8,6 +8,8 @@ traces, during CUDA graph capture, and inside `no_value_checks()`.
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import os
 import threading
 from typing import Iterator, Optional
@@ -75,3 +77,24 @@ def check_index_range(name: str, index: torch.Tensor, upper: int, *, what: str =
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_loss_options(ignore_index, reduction: str, reductions: tuple[str, ...], label_smoothing: float,
+                       z_loss: float) -> None:
+    """The scalar options of the cross-entropy losses (mlm_cross_entropy, mlm_head)."""
+    # An int, not a float: the kernels compare targets with int(ignore_index), the mean's
+    # count with the value itself, and 1.5 would make the two disagree.
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}") from None
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if reduction not in reductions:
+        raise ValueError(f"reduction must be one of {reductions}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")

@@ -16,12 +16,13 @@ from fastmlm.ops.checks import (
     FLOAT_DTYPES,
     REFERENCE_FLOAT_DTYPES,
     check_index_range,
+    check_loss_options,
     check_same_device,
     check_tensor,
     value_checks_enabled,
 )
 from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not, dtype_why_not, triton_why_not
-from fastmlm.ops.registration import register_autocast
+from fastmlm.ops.registration import autocast_floats, register_autocast
 from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import cross_entropy as reference
 
@@ -189,8 +190,11 @@ def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, scal
 def _setup_summed(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.used = False
-    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs.
+    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs,
+    # and lse and the saved gradients are plain tensors to autograd (the gradients are
+    # handed out by backward; as outputs of this op they would carry its grad_fn).
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[2:])
 
 
@@ -239,6 +243,8 @@ def mlm_cross_entropy(
     `mean` divides by the number of targets that are not `ignore_index`; with
     none, the loss is 0 and every gradient is 0. See docs/ops.md.
     """
+    if isinstance(hidden, torch.Tensor):
+        hidden, weight, bias = autocast_floats(hidden.device.type, hidden, weight, bias)
     check_tensor("hidden", hidden, ndim=2, dtypes=REFERENCE_FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2)
     check_tensor("targets", targets, ndim=1, dtypes=(torch.int64,))
@@ -253,12 +259,7 @@ def mlm_cross_entropy(
         check_tensor("bias", bias, ndim=1)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has {bias.shape[0]} entries, weight has {weight.shape[0]} rows")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(ignore_index, reduction, REDUCTIONS, label_smoothing, z_loss)
     check_same_device(hidden=hidden, weight=weight, bias=bias, targets=targets)
     if value_checks_enabled(targets):
         labelled = torch.where(targets == ignore_index, 0, targets)

@@ -21,6 +21,7 @@ from fastmlm.ops.checks import (
     INDEX_DTYPES,
     REFERENCE_FLOAT_DTYPES,
     check_index_range,
+    check_loss_options,
     check_same_device,
     check_tensor,
     value_checks_enabled,
@@ -28,7 +29,7 @@ from fastmlm.ops.checks import (
 from fastmlm.ops.cross_entropy import REDUCTIONS
 from fastmlm.ops.dispatch import (Backend, BackendTable, compiled_why_not, dtype_why_not, recompute_backward,
                                    triton_why_not)
-from fastmlm.ops.registration import register_autocast
+from fastmlm.ops.registration import autocast_floats, register_autocast
 from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import mlm_head as reference
 
@@ -256,8 +257,11 @@ def _(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decod
 def _setup_summed(ctx, inputs, output):
     ctx.has_decoder_bias = inputs[7] is not None
     ctx.used = False
-    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs.
+    # Only the loss carries a gradient: no zero [V, H] gradients for the other outputs,
+    # and lse and the saved gradients are plain tensors to autograd (the gradients are
+    # handed out by backward; as outputs of this op they would carry its grad_fn).
     ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[2:])
 
 
@@ -310,6 +314,10 @@ def mlm_head(
     decoder_bias [V] or None, targets int64 [M] (one per row of `index`). Reductions as
     `mlm_cross_entropy`: `mean` over non-ignored targets (0 if none). See docs/ops.md.
     """
+    if isinstance(hidden_all, torch.Tensor):
+        (hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+         decoder_bias) = autocast_floats(hidden_all.device.type, hidden_all, dense_weight, dense_bias, norm_weight,
+                                         norm_bias, decoder_weight, decoder_bias)
     check_tensor("hidden_all", hidden_all, ndim=2, dtypes=REFERENCE_FLOAT_DTYPES)
     check_tensor("index", index, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor("targets", targets, ndim=1, dtypes=(torch.int64,))
@@ -335,12 +343,7 @@ def mlm_head(
             raise TypeError(f"{name} has dtype {t.dtype}, hidden_all has {hidden_all.dtype}: they must match")
     if targets.shape[0] != index.shape[0]:
         raise ValueError(f"targets has {targets.shape[0]} entries but index selects {index.shape[0]} rows")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_loss_options(ignore_index, reduction, REDUCTIONS, label_smoothing, z_loss)
     check_same_device(hidden_all=hidden_all, index=index, targets=targets, **floats)
     check_index_range("index", index, hidden_all.shape[0])
     if value_checks_enabled(targets):

@@ -35,3 +35,16 @@ def register_autocast(op_def, device_types=("cuda", "cpu")) -> None:
                 return op_def._opoverload(*_cast(args, _device_type, dtype))
 
         _lib.impl(name, kernel, key, with_keyset=True)
+
+
+def autocast_floats(device_type: str, *tensors):
+    """`tensors` as the op's autocast rule will see them: floating ones on `device_type` cast
+    to the region's dtype when autocast is on there (None and other tensors unchanged).
+
+    The public functions check that their float inputs share a dtype; inside an autocast
+    region fp32 weights beside a bf16 activation are normal and are unified by the rule
+    anyway, so they are unified before the check.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(_cast(t, device_type, torch.get_autocast_dtype(device_type)) for t in tensors)

@@ -44,6 +44,25 @@ def test_cross_entropy_checks():
     rejects(TypeError, "targets must have dtype int64", mlm_cross_entropy, h, w, t.int(), b)
     rejects(ValueError, "reduction", mlm_cross_entropy, h, w, t, b, reduction="avg")
     rejects(ValueError, "label_smoothing", mlm_cross_entropy, h, w, t, b, label_smoothing=1.5)
+    rejects(ValueError, "z_loss", mlm_cross_entropy, h, w, t, b, z_loss=float("nan"))
+    rejects(ValueError, "z_loss", mlm_cross_entropy, h, w, t, b, z_loss=-1e-3)
+    # 1.5 would zero rows with target 1 in the kernels yet count them in the mean.
+    rejects(TypeError, "ignore_index must be an int", mlm_cross_entropy, h, w, t, b, ignore_index=1.5)
+    rejects(ValueError, "fit in int64", mlm_cross_entropy, h, w, t, b, ignore_index=2**63)
+
+
+def test_mlm_head_checks():
+    from fastmlm.ops import mlm_head
+
+    hidden_all, index, targets = torch.randn(5, 8), torch.tensor([0, 3]), torch.tensor([1, -100])
+    params = [torch.randn(8, 8), torch.randn(8), torch.ones(8), torch.zeros(8), torch.randn(10, 8), torch.zeros(10)]
+    rejects(IndexError, "outside \\[0, 5\\)", mlm_head, hidden_all, torch.tensor([0, 5]), *params, targets)
+    rejects(IndexError, "targets contains 10", mlm_head, hidden_all, index, *params, torch.tensor([10, 1]))
+    rejects(TypeError, "ignore_index must be an int", mlm_head, hidden_all, index, *params, targets,
+            ignore_index=-100.0)
+    rejects(ValueError, "z_loss", mlm_head, hidden_all, index, *params, targets, z_loss=float("inf"))
+    rejects(ValueError, "decoder_weight has shape", mlm_head, hidden_all, index, *params[:4], torch.randn(10, 7),
+            params[5], targets)
 
 
 def test_attention_checks():
@@ -57,6 +76,8 @@ def test_attention_checks():
     rejects(ValueError, "shapes do not fit", attention, q, k[:, :1], v, cu, 4)
     rejects(ValueError, "pass cu_seqlens_k", attention, q, k[:5], v[:5], cu, 4)
     rejects(ValueError, "dropout_p", attention, q, k, v, cu, 4, dropout_p=1.0)
+    rejects(ValueError, "softmax_scale must be finite", attention, q, k, v, cu, 4, softmax_scale=float("nan"))
+    rejects(ValueError, "softmax_scale must be finite", attention, q, k, v, cu, 4, softmax_scale=1e39)
 
 
 def test_masking_checks():

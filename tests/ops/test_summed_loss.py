@@ -97,3 +97,34 @@ def test_summed_path_refuses_a_second_backward(family):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass per forward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("family", list(PROBLEMS))
+def test_handed_out_gradients_are_plain_tensors(family):
+    # autograd.grad without create_graph returns tensors outside the graph, so a
+    # fast-weights step (w - lr * grad) then trains like any other tensor.
+    leaves, loss_of = PROBLEMS[family](seed=6)
+    tensors = [t.clone().requires_grad_() for t in leaves]
+    with use_backend("cpu", family):
+        grads = torch.autograd.grad(loss_of(tensors, "mean"), tensors)
+        assert not any(g.requires_grad or g.grad_fn is not None for g in grads)
+        stepped = [t - 0.1 * g for t, g in zip(tensors, grads)]
+        loss_of(stepped, "mean").backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in tensors)
+
+
+@pytest.mark.parametrize("dtype,upstream", [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3)],
+                         ids=["fp16-loss-scale-2**16", "bf16-one-third"])
+def test_upstream_gradient_is_not_rounded_to_the_input_dtype(dtype, upstream):
+    # 2**16 is inf in fp16 and 1/3 is 0.2% off in bf16: the scale is applied in fp32.
+    g = torch.Generator().manual_seed(7)
+    hidden = (0.01 * torch.randn(4, 8, generator=g)).to(dtype)
+    targets = torch.tensor([0, 1, 2, 3])
+    weight = torch.randn(6, 8, generator=g).to(dtype)
+    w64 = weight.double().requires_grad_()
+    (mlm_cross_entropy(hidden.double(), w64, targets, reduction="sum") * upstream).backward()
+    w = weight.clone().requires_grad_()
+    with use_backend("cpu", "mlm_cross_entropy"):
+        (mlm_cross_entropy(hidden, w, targets, reduction="sum") * upstream).backward()
+    assert torch.isfinite(w.grad).all()
+    assert_close(w.grad, w64.grad.to(dtype), dtype, "weight gradient")

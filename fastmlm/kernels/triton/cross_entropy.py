@@ -81,11 +81,12 @@ def _ce_forward_partials_kernel(
                             stride_hm, stride_hk, stride_wv, stride_wk,
                             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
             z_live = tl.where(col_mask[None, :], z, float("-inf"))
-            # Every block holds at least one real column, so new_max is finite and the
-            # rescale exp(-inf - finite) = 0 on the first block is NaN-free.
             new_max = tl.maximum(run_max, tl.max(z_live, axis=1))
-            run_sumexp = run_sumexp * tl.exp(run_max - new_max) + \
-                tl.sum(tl.exp(z_live - new_max[:, None]), axis=1)
+            # While a row has seen only -inf logits (a vocabulary block masked out by a
+            # -inf bias) its max is -inf: shift by 0 there, so exp(-inf - -inf) is not NaN.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sumexp = run_sumexp * tl.exp(run_max - shift) + \
+                tl.sum(tl.exp(z_live - shift[:, None]), axis=1)
             run_max = new_max
             target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
             logit_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -112,14 +113,17 @@ def _ce_forward_combine_kernel(
         at = split * M + rows
         part_max = tl.load(part_max_ptr + at, mask=row_mask, other=0.0)
         new_max = tl.maximum(run_max, part_max)
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + \
-            tl.load(part_sumexp_ptr + at, mask=row_mask, other=1.0) * tl.exp(part_max - new_max)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # as in the partials kernel
+        run_sumexp = run_sumexp * tl.exp(run_max - shift) + \
+            tl.load(part_sumexp_ptr + at, mask=row_mask, other=1.0) * tl.exp(part_max - shift)
         run_max = new_max
         target_logit += tl.load(part_target_ptr + at, mask=row_mask, other=0.0)
         logit_sum += tl.load(part_sum_ptr + at, mask=row_mask, other=0.0)
     lse = run_max + tl.log(run_sumexp)
-    loss = (1.0 - label_smoothing) * (lse - target_logit) + \
-        label_smoothing * (lse - logit_sum / V) + z_loss * lse * lse
+    # The smoothing term only where smoothing is on: with a -inf logit, logit_sum is
+    # -inf and 0 * inf would make every row NaN (the reference and C++ skip it too).
+    smoothing = tl.where(label_smoothing != 0.0, label_smoothing * (lse - logit_sum / V), 0.0)
+    loss = (1.0 - label_smoothing) * (lse - target_logit) + smoothing + z_loss * lse * lse
     target = tl.load(targets_ptr + rows * stride_t, mask=row_mask, other=ignore_index)
     loss = tl.where(target != ignore_index, loss, 0.0)
     tl.store(lse_ptr + rows, lse, mask=row_mask)

@@ -6,12 +6,17 @@ from tests.ops.harness import OpCase, strided_view
 
 
 def ce_case(name, rows, hidden_size, vocab, *, bias=True, ignored=0.2, reduction="mean", label_smoothing=0.0,
-            z_loss=0.0, scale=1.0, strided=False):
+            z_loss=0.0, scale=1.0, strided=False, masked_vocab=0):
+    """`masked_vocab`: bias -inf on the first `masked_vocab` entries and the last (a masked-out
+    vocabulary, more than one kernel block); targets are drawn from the rest."""
     def build(device, dtype, generator):
         hidden = torch.randn(rows, hidden_size, generator=generator, dtype=torch.float64)
         weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (scale / hidden_size**0.5)
         b = torch.randn(vocab, generator=generator, dtype=torch.float64) if bias else None
         targets = torch.randint(0, vocab, (rows,), generator=generator)
+        if masked_vocab:
+            b[:masked_vocab] = b[-1] = float("-inf")
+            targets = torch.randint(masked_vocab, vocab - 1, (rows,), generator=generator)
         targets = torch.where(torch.rand(rows, generator=generator) < ignored, -100, targets)
         inputs = {"hidden": hidden.to(dtype), "weight": weight.to(dtype), "bias": None if b is None else b.to(dtype),
                   "targets": targets}
@@ -40,4 +45,5 @@ CASES = [
     ce_case("strided-inputs", 10, 16, 45, strided=True),
     ce_case("strided-inputs-sum", 10, 16, 45, strided=True, reduction="sum", label_smoothing=0.1),
     ce_case("wide-vocab", 17, 32, 700, label_smoothing=0.05, z_loss=1e-4),
+    ce_case("masked-vocabulary", 9, 16, 301, masked_vocab=160, z_loss=1e-3),
 ]
