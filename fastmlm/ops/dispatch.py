@@ -81,6 +81,8 @@ def use_backend(name: str, family: Optional[str] = None) -> Iterator[None]:
     """Force backend `name` for `family` (or for every family that has it)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; backends are {', '.join(BACKEND_NAMES)}")
+    if family is not None and family not in TABLES:
+        raise ValueError(f"unknown op family {family!r}; families are {', '.join(TABLES)}")
     stack = _forced_stack()
     stack.append((name, family))
     try:
@@ -97,6 +99,8 @@ def _env_forced(family: str, table_names: tuple[str, ...]) -> Optional[str]:
         entry = entry.strip()
         if "=" in entry:
             fam, name = (part.strip() for part in entry.split("=", 1))
+            if fam not in TABLES:  # a typo must not silently leave the default backend in place
+                raise ValueError(f"FASTMLM_BACKEND names unknown op family {fam!r}; families are {', '.join(TABLES)}")
             if fam == family:
                 if name not in BACKEND_NAMES:
                     raise ValueError(f"FASTMLM_BACKEND names unknown backend {name!r}")

@@ -31,7 +31,7 @@ def test_forcing_by_context_and_environment(monkeypatch):
     table = _table()
     with use_backend("torch"):
         assert table.choose("cpu", None).name == "torch"
-    with use_backend("torch", "some_other_family"):
+    with use_backend("torch", "gather_rows"):  # another family: this one keeps its order
         assert table.choose("cpu", None).name == "cpu"
     monkeypatch.setenv("FASTMLM_BACKEND", "test_family_for_dispatch=torch")
     assert table.choose("cuda", None).name == "torch"
@@ -56,6 +56,16 @@ def test_unknown_backend_name_is_rejected():
     with pytest.raises(ValueError, match="unknown backend"):
         with use_backend("fastest"):
             pass
+
+
+def test_unknown_family_is_rejected_not_ignored(monkeypatch):
+    # A misspelt family would otherwise leave the default backend in place without a word.
+    with pytest.raises(ValueError, match="unknown op family 'cross_entropy'.*mlm_cross_entropy"):
+        with use_backend("triton", "cross_entropy"):
+            pass
+    monkeypatch.setenv("FASTMLM_BACKEND", "cross_entropy=torch")
+    with pytest.raises(ValueError, match="unknown op family 'cross_entropy'"):
+        _table().choose("cpu", None)
 
 
 def test_real_op_forced_to_unavailable_backend_raises_before_running():
