@@ -299,6 +299,5 @@ def _sparse_loss(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch
                         transform.LayerNorm.bias, decoder.weight, bias, targets,
                         layer_norm_eps=transform.LayerNorm.eps)
     x = transform(gather_rows(hidden, rows))  # HuggingFace's own activation, on the labelled rows
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))  # the loss op takes one dtype; LayerNorm left fp32
+    # Under autocast x, weight and bias are fp32 and the loss op's autocast rule casts all three.
     return mlm_cross_entropy(x, decoder.weight, targets, bias)

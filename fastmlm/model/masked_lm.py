@@ -164,10 +164,9 @@ class MaskedLM(nn.Module):
             return mlm_head(hidden, rows, head.dense.weight, head.dense.bias, head.norm.weight, head.norm.bias,
                             word, head.bias, targets, layer_norm_eps=self.config.layer_norm_eps)
         # Other activations: the head in plain torch on the gathered rows, then the fused loss.
+        # Under autocast x (LayerNorm's output), word and bias are all fp32 here and the
+        # loss op's autocast rule casts them together; casting x alone would split dtypes.
         x = head.transform(gather_rows(hidden, rows))
-        if torch.is_autocast_enabled(x.device.type):
-            # The loss op needs one dtype; the transform's LayerNorm left fp32.
-            x = x.to(torch.get_autocast_dtype(x.device.type))
         return mlm_cross_entropy(x, word, targets, head.bias)
 
     def _query_sequences(self, batch: PackedBatch, rows: torch.Tensor, count: torch.Tensor):

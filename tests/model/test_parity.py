@@ -198,6 +198,31 @@ def test_autocast_bf16_end_to_end(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden_act", ["relu", "gelu_new"])
+def test_autocast_bf16_loss_with_other_activations(device, hidden_act):
+    # Not "gelu": the head runs in torch on the gathered rows, then mlm_cross_entropy takes
+    # its bf16 output beside the fp32 word embeddings. Compared under the same autocast with
+    # the plain-torch loss over returned logits, so bf16 noise in the encoder cancels out.
+    config = tiny_config(14, hidden_act=hidden_act)
+    model = MaskedLM(config).to(device).eval()
+    ids, mask, types = padded_batch(config, 14, batch=3, seq=12)
+    labels = random_labels(ids, mask, 14).to(device)
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(ids.to(device), mask.to(device), types.to(device), labels=labels,
+                         return_logits=return_logits).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain_loss, plain_grads), (loss, grads) = results
+    assert relative_error(loss, plain_loss) < 2e-2
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32
+        assert relative_error(grad, plain_grads[name]) < 6e-2, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_head_dim_outside_the_kernels_uses_the_reference_path(device):
     """Head dim 12 (not a multiple of 8): attention falls back to a reference backend, still exact."""
     config = tiny_config(13, num_heads=2, hidden_size=24)
