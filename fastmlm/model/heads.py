@@ -161,7 +161,10 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"class labels must be an integer tensor of shape ({n},), got {labels.dtype} "
                              f"{tuple(labels.shape)}")
         _check_class_labels(labels, self.num_labels)
-        return F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE_INDEX)
+        labels = labels.long()
+        # A sum over a clamped count, as TokenClassifier: every label -100 gives 0, not NaN.
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def _check_class_labels(labels: torch.Tensor, num_labels: int) -> None:

@@ -149,6 +149,18 @@ def test_token_classifier_matches_bert_for_token_classification(seed, token_capa
     check_grads(ours, hf.bert, hf.classifier, device)
 
 
+def test_every_label_ignored_gives_loss_zero_and_zero_gradients():
+    # A documented difference from HuggingFace (which returns NaN), for both heads.
+    config = tiny_config(26)
+    ids, mask, types = padded_batch(config, 26, batch=3, seq=8)
+    for clf, labels in ((SequenceClassifier(Encoder(config), 3, pooling="mean"), torch.full((3,), IGNORE_INDEX)),
+                        (TokenClassifier(Encoder(config), 4), torch.full(ids.shape, IGNORE_INDEX))):
+        loss = clf(ids, mask, types, labels=labels).loss
+        loss.backward()
+        assert loss.item() == 0.0, type(clf).__name__
+        assert all(not p.grad.any() for p in clf.parameters() if p.grad is not None), type(clf).__name__
+
+
 def test_packed_input_gives_the_padded_results():
     config = tiny_config(25)
     seq_clf = SequenceClassifier(Encoder(config, pooler=True), 3).eval()
