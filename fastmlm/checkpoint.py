@@ -4,8 +4,10 @@ A directory holds `config.json` (what `transformers.BertConfig` reads) and
 `model.safetensors` with BertModel keys (an Encoder) or BertForMaskedLM keys
 (a MaskedLM: `bert.` prefix and `cls.predictions.*`, the tied decoder weight
 left out as HuggingFace does). So fastmlm output loads in transformers and the
-other way round. No pickle is read or written; files are written to a
-temporary name and renamed, so a crash never leaves a half-written checkpoint.
+other way round. No pickle is read or written. Saving writes both files in
+full under temporary names (flushed to disk) before renaming either into place,
+so a crash leaves every file whole, old or new; only a crash between the two
+back-to-back renames can pair new weights with the old config.
 
 Loading is strict: every expected key must be present with the expected shape,
 and every key must be understood. All problems are collected and reported in
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import TYPE_CHECKING
 
 import torch
@@ -197,17 +200,43 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
 
 
+def replace_atomically(writers: dict) -> None:
+    """For each final path, `writer(temporary_path)` writes the whole file; then all are renamed into place.
+
+    Temporary names are unique siblings (two writers never share one) and are removed
+    if anything fails, leaving the final paths untouched.
+    """
+    temporaries = {}
+    try:
+        for final, write in writers.items():
+            folder, name = os.path.split(os.fspath(final))
+            # A random name rather than mkstemp: the writer creates the file, so it gets the
+            # usual permissions (mkstemp's are 0600) and the checkpoint stays readable.
+            temporaries[final] = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+            write(temporaries[final])
+        for final, temporary in temporaries.items():
+            os.replace(temporary, final)
+    finally:
+        for temporary in temporaries.values():
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _write_safetensors(state: dict, path: str) -> None:
+    save_file(state, path, metadata={"format": "pt"})
+    with open(path, "rb") as f:  # on disk before the rename makes it the checkpoint
+        os.fsync(f.fileno())
+
+
 def save_pretrained(model, directory: str | os.PathLike) -> None:
     """Write config.json and model.safetensors (HuggingFace layout) into `directory`."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    weights = os.path.join(directory, WEIGHTS_NAME)
-    tmp = weights + ".tmp"
-    save_file(to_hf_state_dict(model), tmp, metadata={"format": "pt"})
-    os.replace(tmp, weights)
+    state = to_hf_state_dict(model)
     config: EncoderConfig = model.config
-    config.save(os.path.join(directory, CONFIG_NAME),
-                architecture="BertForMaskedLM" if _is_masked_lm(model) else "BertModel")
+    architecture = "BertForMaskedLM" if _is_masked_lm(model) else "BertModel"
+    replace_atomically({os.path.join(directory, WEIGHTS_NAME): lambda tmp: _write_safetensors(state, tmp),
+                        os.path.join(directory, CONFIG_NAME): lambda tmp: config.write_json(tmp, architecture)})
 
 
 def load_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32, **kwargs) -> "nn.Module":

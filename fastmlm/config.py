@@ -104,12 +104,18 @@ class EncoderConfig:
             out[_HF_NAMES.get(field.name, field.name)] = getattr(self, field.name)
         return out
 
-    def save(self, path: str | os.PathLike, architecture: str = "BertModel") -> None:
-        """Write `config.json` content to `path` via a temporary file and a rename."""
+    def write_json(self, path: str | os.PathLike, architecture: str = "BertModel") -> None:
+        """Write `config.json` content to `path` as it is (flushed to disk); `save` renames it into place."""
         data = self.to_hf()
         data["architectures"] = [architecture]
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save(self, path: str | os.PathLike, architecture: str = "BertModel") -> None:
+        """Write `config.json` content to `path` via a temporary file and a rename."""
+        from fastmlm.checkpoint import replace_atomically
+
+        replace_atomically({os.fspath(path): lambda tmp: self.write_json(tmp, architecture)})

@@ -221,3 +221,33 @@ def test_missing_and_corrupt_files(tmp_path):
     os.remove(tmp_path / "corrupt" / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
         MaskedLM.from_pretrained(tmp_path / "corrupt")
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    # Both files are written under temporary names before either is renamed: a failure
+    # while writing the config must not leave new weights beside the old config.
+    old = Encoder(tiny_config(30, hidden_size=32, num_heads=2))
+    old.save_pretrained(tmp_path)
+    new = Encoder(tiny_config(30, hidden_size=16, num_heads=2))
+
+    def failing_write(self, path, architecture="BertModel"):
+        with open(path, "w") as f:
+            f.write("{")  # a partial file, then the failure
+        raise OSError("disk full")
+
+    monkeypatch.setattr(EncoderConfig, "write_json", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporaries left
+    reloaded = Encoder.from_pretrained(tmp_path)
+    assert_same_tensors(reloaded.state_dict(), old.state_dict())
+
+
+def test_config_gets_the_usual_permissions(tmp_path):
+    # Written under a temporary name of our own, not mkstemp's 0600 file. (safetensors
+    # itself creates model.safetensors 0600, as it does for transformers' checkpoints.)
+    umask = os.umask(0)
+    os.umask(umask)
+    Encoder(tiny_config(31)).save_pretrained(tmp_path)
+    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
