@@ -146,20 +146,37 @@ def save_checkpoint(
         for path in tmp.iterdir():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. a resumed run ending where it began)
-            shutil.rmtree(final)
+        # The same step saved again (e.g. a resumed run ending where it began): the old one
+        # is moved aside, not deleted, until the new one is in place (a directory cannot be
+        # replaced by a rename), so a crash in between still leaves a whole checkpoint.
+        aside = final.parent / f".{final.name}.old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(run_dir, keep_last)
     return final
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _prune(run_dir: str | Path, keep_last: int) -> None:
     """Remove all but the newest keep_last checkpoints, and temporaries of dead runs."""
     root = Path(run_dir) / CHECKPOINTS
     for entry in root.iterdir():
-        if entry.name.startswith(".step-") and not entry.name.endswith(f".tmp-{os.getpid()}"):
+        # .step-N.tmp-PID / .step-N.old-PID: another live process may still be writing its own.
+        match = re.fullmatch(r"\.step-\d+\.(?:tmp|old)-(\d+)", entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
     if keep_last > 0:
         for _, path in list_checkpoints(run_dir)[:-keep_last]:

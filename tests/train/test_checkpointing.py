@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -105,13 +108,29 @@ def test_incomplete_and_stale_directories_are_ignored_and_pruned(tmp_path):
     model, optimizer, scheduler = _toy()
     root = tmp_path / "checkpoints"
     (root / "step-00000009").mkdir(parents=True)  # no training_state.json: not a checkpoint
-    (root / ".step-00000008.tmp-999999").mkdir()  # left by a killed process
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (not reused this soon)
+    (root / f".step-00000008.tmp-{dead.pid}").mkdir()  # left by a killed process
+    (root / f".step-00000007.tmp-{os.getppid()}").mkdir()  # another live process, still writing
     assert checkpointing.latest_checkpoint(tmp_path) is None
     for step in (1, 2, 3):
         checkpointing.save_checkpoint(tmp_path, step, save_model=_save_model(model), optimizer=optimizer,
                                       scheduler=scheduler, keep_last=2)
     assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [2, 3]
-    assert not (root / ".step-00000008.tmp-999999").exists()
+    assert not (root / f".step-00000008.tmp-{dead.pid}").exists()
+    assert (root / f".step-00000007.tmp-{os.getppid()}").exists()
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    model, optimizer, scheduler = _toy()
+    first = checkpointing.save_checkpoint(tmp_path, 4, save_model=_save_model(model), optimizer=optimizer,
+                                          scheduler=scheduler, extra_state={"tag": "first"})
+    _train(model, optimizer, scheduler, 1)
+    again = checkpointing.save_checkpoint(tmp_path, 4, save_model=_save_model(model), optimizer=optimizer,
+                                          scheduler=scheduler, extra_state={"tag": "again"})
+    assert again == first
+    assert json.loads((again / checkpointing.STATE_FILE).read_text())["tag"] == "again"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000004"]  # nothing set aside left
 
 
 def test_optimizer_state_with_different_groups_is_rejected(tmp_path):
