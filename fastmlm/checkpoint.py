@@ -251,6 +251,11 @@ def load_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = t
     if encoder.pooler is None and any(k.endswith("pooler.dense.weight") for k in state):
         from fastmlm.model.encoder import Pooler  # the model package imports this module
         encoder.pooler = Pooler(config)
+        if _is_masked_lm(model):
+            # Kept for drop_head()'s encoder (classifiers use it), but the MLM loss never
+            # reads it: frozen until then, so DistributedDataParallel does not wait for its
+            # gradients (it would need find_unused_parameters=True otherwise).
+            encoder.pooler.requires_grad_(False)
     model.to(dtype)
     load_hf_state_dict(model, state, source=os.path.join(directory, WEIGHTS_NAME))
     return model

@@ -97,6 +97,8 @@ class MaskedLM(nn.Module):
     def drop_head(self) -> Encoder:
         """The encoder alone; this model's head parameters are released."""
         self.head = None
+        if self.encoder.pooler is not None:  # frozen while unused by the MLM (checkpoint.load_pretrained)
+            self.encoder.pooler.requires_grad_(True)
         return self.encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

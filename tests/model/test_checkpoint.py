@@ -108,8 +108,16 @@ def test_bert_for_pretraining_checkpoint_keeps_the_pooler(tmp_path):
     model = MaskedLM.from_pretrained(tmp_path)  # the NSP head is ignored
     assert torch.equal(model.encoder.pooler.dense.weight, hf.bert.pooler.dense.weight)
     assert torch.equal(model.head.dense.weight, hf.cls.predictions.transform.dense.weight)
+    # Every parameter that trains gets a gradient from the MLM loss (what DDP needs): the
+    # pooler, unused there, is frozen until drop_head() hands the encoder to a classifier.
+    ids, mask, types = padded_batch(config, 32, batch=2, seq=8)
+    model(ids, mask, types, labels=random_labels(ids, mask, 32)).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in model.encoder.pooler.parameters())
+    assert all(p.requires_grad for p in model.drop_head().parameters())
     encoder = Encoder.from_pretrained(tmp_path)
     assert torch.equal(encoder.pooler.dense.bias, hf.bert.pooler.dense.bias)
+    assert all(p.requires_grad for p in encoder.pooler.parameters())
 
 
 def test_encoder_from_masked_lm_checkpoint_ignores_the_head(tmp_path):
