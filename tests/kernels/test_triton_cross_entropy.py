@@ -142,6 +142,21 @@ def test_ignore_index_is_configurable():
     assert (row_loss[targets == 0] == 0).all() and (row_loss[targets != 0] > 0).all()
 
 
+def test_out_of_range_target_makes_its_row_nan():
+    # The kernel API takes targets as given (the op checks values, except with value checks
+    # off): a target outside [0, V) must give NaN, as the compiled CUDA kernel does, not a
+    # plausible loss.
+    hidden, weight, bias, targets, grad = make_inputs(*SHAPES[1], torch.float32, seed=7)
+    targets[targets == IGNORE] = 1
+    V = weight.shape[0]
+    targets[2], targets[4] = V, -7
+    row_loss, _ = cross_entropy_forward(hidden, weight, bias, targets, ignore_index=IGNORE,
+                                        label_smoothing=0.0, z_loss=0.0)
+    bad = torch.zeros_like(row_loss, dtype=torch.bool)
+    bad[[2, 4]] = True
+    assert row_loss[bad].isnan().all() and row_loss[~bad].isfinite().all()
+
+
 def test_deterministic_mode_is_bitwise_repeatable():
     hidden, weight, bias, targets, grad = make_inputs(*SHAPES[-1], torch.float32, seed=7)
     opts = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3, deterministic=True)

@@ -128,6 +128,36 @@ def test_deterministic_scatter_is_repeatable_with_duplicates():
         assert a is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_out_of_range_index_makes_its_row_nan_and_writes_nothing_outside(deterministic):
+    # The kernel API takes the index as given (the op checks values, except with value
+    # checks off): a row outside [0, N) must read and write nothing and come out NaN,
+    # never a plausible loss or a write past d_hidden_all.
+    params, index, targets, grad = make_inputs(*SMALL, torch.float32, seed=4)
+    N = params["hidden_all"].shape[0]
+    targets.fill_(3)
+    bad = index.clone()
+    bad[1], bad[3] = N, -1
+    opts = dict(ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0)
+    p = [params[k] for k in PARAM_NAMES]
+    row_loss, lse, pre, act, normed, mean, rstd = mlm_head_forward(p[0], bad, *p[1:], targets,
+                                                                   layer_norm_eps=EPS, **opts)
+    good = torch.ones_like(row_loss, dtype=torch.bool)
+    good[[1, 3]] = False
+    assert row_loss[~good].isnan().all() and row_loss[good].isfinite().all()
+    expected = mlm_head_forward(p[0], index, *p[1:], targets, layer_norm_eps=EPS, **opts)[0]
+    assert torch.equal(row_loss[good], expected[good])
+    # Backward: the bad rows' (NaN) input gradients are dropped, not scattered anywhere, so
+    # d_hidden_all is what the good rows alone give.
+    d_hidden_all = mlm_head_backward(grad, p[0], bad, p[1], p[3], p[5], p[6], targets, pre, act, normed,
+                                     mean, rstd, lse, deterministic=deterministic, **opts)[0]
+    kept = mlm_head_forward(p[0], index[good], *p[1:], targets[good], layer_norm_eps=EPS, **opts)
+    expected = mlm_head_backward(grad[good], p[0], index[good], p[1], p[3], p[5], p[6], targets[good], *kept[2:],
+                                 kept[1], deterministic=deterministic, **opts)[0]
+    assert d_hidden_all.isfinite().all()
+    torch.testing.assert_close(d_hidden_all, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_inputs_raise():
     params, index, targets, grad = make_inputs(*SMALL, torch.float32)
     args = lambda **over: [over.get(k, params[k]) for k in PARAM_NAMES]  # noqa: E731

@@ -125,7 +125,10 @@ def _ce_forward_combine_kernel(
     smoothing = tl.where(label_smoothing != 0.0, label_smoothing * (lse - logit_sum / V), 0.0)
     loss = (1.0 - label_smoothing) * (lse - target_logit) + smoothing + z_loss * lse * lse
     target = tl.load(targets_ptr + rows * stride_t, mask=row_mask, other=ignore_index)
-    loss = tl.where(target != ignore_index, loss, 0.0)
+    # A target outside [0, V) (possible only with value checks off) makes its row NaN,
+    # as in the compiled CUDA kernels, rather than a plausible loss.
+    in_range = (target >= 0) & (target < V)
+    loss = tl.where(target != ignore_index, tl.where(in_range, loss, float("nan")), 0.0)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(row_loss_ptr + rows, loss, mask=row_mask)
 

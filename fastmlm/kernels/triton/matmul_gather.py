@@ -30,27 +30,31 @@ def _precision(dtype):
 
 @triton.jit
 def _gather_linear_gelu_kernel(
-        x_ptr, index_ptr, w_ptr, b_ptr, pre_ptr, act_ptr, M, N, K,
+        x_ptr, index_ptr, w_ptr, b_ptr, pre_ptr, act_ptr, M, N, K, R,
         stride_xn, stride_xk, stride_wn, stride_wk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
-    """x [rows, K] (strides stride_xn, stride_xk) read at rows index [M]; w [N, K];
-    b [N]; pre and act contiguous [M, N] in x's dtype. Grid (M blocks, N blocks)."""
+    """x [R, K] (strides stride_xn, stride_xk) read at rows index [M]; w [N, K];
+    b [N]; pre and act contiguous [M, N] in x's dtype. Grid (M blocks, N blocks).
+    An index outside [0, R) (possible only with value checks off) reads nothing and
+    makes its row NaN."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
     col_mask = cols < N
     src = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    src_ok = row_mask & (src >= 0) & (src < R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptr + src[:, None] * stride_xn + ks[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    mask=src_ok[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk,
                     mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     pre = acc + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    pre = tl.where(src_ok[:, None], pre, float("nan"))
     act = 0.5 * pre * (1.0 + tl.math.erf(pre * _SQRT1_2))
     out = rows[:, None].to(tl.int64) * N + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
@@ -60,7 +64,7 @@ def _gather_linear_gelu_kernel(
 
 @triton.jit
 def _gather_linear_weight_grad_kernel(
-        dpre_ptr, x_ptr, index_ptr, dw_ptr, db_ptr, M, N, K, stride_xn, stride_xk,
+        dpre_ptr, x_ptr, index_ptr, dw_ptr, db_ptr, M, N, K, R, stride_xn, stride_xk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
     """dw fp32 [N, K] = dpre[M, N].T @ x[index], db fp32 [N] = dpre.sum(0) (program
@@ -75,10 +79,11 @@ def _gather_linear_weight_grad_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < M
         src = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        src_ok = row_mask & (src >= 0) & (src < R)  # a bad row's dpre is NaN already
         dpre = tl.load(dpre_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         x = tl.load(x_ptr + src[:, None] * stride_xn + ks[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    mask=src_ok[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(dpre), x, acc, input_precision=DOT_PRECISION)
         bias_acc += tl.sum(dpre.to(tl.float32), axis=0)
     tl.store(dw_ptr + cols[:, None].to(tl.int64) * K + ks[None, :], acc,
@@ -89,7 +94,7 @@ def _gather_linear_weight_grad_kernel(
 
 @triton.jit
 def _linear_input_grad_kernel(
-        dpre_ptr, w_ptr, index_ptr, out_ptr, M, N, K, stride_wn, stride_wk,
+        dpre_ptr, w_ptr, index_ptr, out_ptr, M, N, K, R, stride_wn, stride_wk,
         SCATTER_ATOMIC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         DOT_PRECISION: tl.constexpr):
@@ -112,13 +117,14 @@ def _linear_input_grad_kernel(
     mask = row_mask[:, None] & k_mask[None, :]
     if SCATTER_ATOMIC:
         dest = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        tl.atomic_add(out_ptr + dest[:, None] * K + ks[None, :], acc, mask=mask)
+        dest_ok = (dest >= 0) & (dest < R)  # never write outside out's R rows
+        tl.atomic_add(out_ptr + dest[:, None] * K + ks[None, :], acc, mask=mask & dest_ok[:, None])
     else:
         tl.store(out_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], acc, mask=mask)
 
 
 @triton.jit
-def _segment_scatter_kernel(d_rows_ptr, sorted_index_ptr, order_ptr, out_ptr, M, K,
+def _segment_scatter_kernel(d_rows_ptr, sorted_index_ptr, order_ptr, out_ptr, M, K, R,
                             BLOCK_K: tl.constexpr):
     """Deterministic scatter-add. sorted_index [M] is index sorted (stable), order [M]
     the permutation; the program at the first position of each run of equal indices
@@ -137,9 +143,10 @@ def _segment_scatter_kernel(d_rows_ptr, sorted_index_ptr, order_ptr, out_ptr, M,
             src = tl.load(order_ptr + j).to(tl.int64)
             acc += tl.load(d_rows_ptr + src * K + ks, mask=k_mask, other=0.0)
             j += 1
-            # Indices are >= 0, so the -1 past the end closes the last run.
-            current = tl.load(sorted_index_ptr + j, mask=j < M, other=-1).to(tl.int64)
-        tl.store(out_ptr + dest * K + ks, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
+            # Past the end reads dest + 1, which closes the last run whatever dest is.
+            current = tl.load(sorted_index_ptr + j, mask=j < M, other=dest + 1).to(tl.int64)
+        dest_ok = (dest >= 0) & (dest < R)  # never write outside out's R rows
+        tl.store(out_ptr + dest * K + ks, acc.to(out_ptr.dtype.element_ty), mask=k_mask & dest_ok)
 
 
 def gather_linear_gelu(hidden_all, index, weight, bias):
@@ -153,7 +160,7 @@ def gather_linear_gelu(hidden_all, index, weight, bias):
     cfg = _blocks(hidden_all.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _gather_linear_gelu_kernel[grid](
-        hidden_all, index, weight, bias, pre, act, M, N, K,
+        hidden_all, index, weight, bias, pre, act, M, N, K, hidden_all.shape[0],
         hidden_all.stride(0), hidden_all.stride(1), weight.stride(0), weight.stride(1),
         DOT_PRECISION=_precision(hidden_all.dtype), **cfg)
     return pre, act
@@ -172,7 +179,7 @@ def gather_linear_weight_grad(d_pre, hidden_all, index):
     cfg = _blocks(device)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
     _gather_linear_weight_grad_kernel[grid](
-        d_pre, hidden_all, index, d_weight, d_bias, M, N, K,
+        d_pre, hidden_all, index, d_weight, d_bias, M, N, K, hidden_all.shape[0],
         hidden_all.stride(0), hidden_all.stride(1),
         DOT_PRECISION=_precision(hidden_all.dtype), **cfg)
     return d_weight.to(hidden_all.dtype), d_bias.to(hidden_all.dtype)
@@ -193,17 +200,17 @@ def linear_input_grad_scatter(d_pre, weight, index, num_rows, *, deterministic):
     opts = dict(DOT_PRECISION=_precision(dtype), **cfg)
     if not deterministic:
         out = torch.zeros((num_rows, K), dtype=torch.float32, device=device)
-        _linear_input_grad_kernel[grid](d_pre, weight, index, out, M, N, K,
+        _linear_input_grad_kernel[grid](d_pre, weight, index, out, M, N, K, num_rows,
                                         weight.stride(0), weight.stride(1),
                                         SCATTER_ATOMIC=True, **opts)
         return out.to(dtype)
     d_rows = torch.full((M, K), float("nan"), dtype=torch.float32, device=device)
-    _linear_input_grad_kernel[grid](d_pre, weight, index, d_rows, M, N, K,
+    _linear_input_grad_kernel[grid](d_pre, weight, index, d_rows, M, N, K, num_rows,
                                     weight.stride(0), weight.stride(1),
                                     SCATTER_ATOMIC=False, **opts)
     sorted_index, order = torch.sort(index, stable=True)
     out = torch.zeros((num_rows, K), dtype=dtype, device=device)
     block_k = 64 if _INTERPRET else 256
     _segment_scatter_kernel[(M, triton.cdiv(K, block_k))](
-        d_rows, sorted_index, order, out, M, K, BLOCK_K=block_k)
+        d_rows, sorted_index, order, out, M, K, num_rows, BLOCK_K=block_k)
     return out
