@@ -12,7 +12,7 @@ namespace py = pybind11;
 namespace {
 
 void gather_rows(uintptr_t x, int64_t x_row_stride, int dtype, uintptr_t index, int index_dtype, uintptr_t out,
-                 int64_t num_index, int64_t width, int device, uintptr_t stream) {
+                 int64_t num_index, int64_t width, int64_t num_rows, int device, uintptr_t stream) {
   fastmlm::GatherRowsArgs a;
   a.x = fastmlm::as_ptr<const void>(x);
   a.x_row_stride = x_row_stride;
@@ -22,6 +22,7 @@ void gather_rows(uintptr_t x, int64_t x_row_stride, int dtype, uintptr_t index, 
   a.out = fastmlm::as_ptr<void>(out);
   a.num_index = num_index;
   a.width = width;
+  a.num_rows = num_rows;
   if (device < 0) {
     fastmlm::gather_rows_cpu(a);
     return;
@@ -82,8 +83,9 @@ void scatter_add_rows_sorted(uintptr_t grad_out, int64_t grad_out_row_stride, in
 void bind_gather(py::module_& m) {
   m.def("gather_rows", &gather_rows, py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("x_row_stride"),
         py::arg("dtype"), py::arg("index"), py::arg("index_dtype"), py::arg("out"), py::arg("num_index"),
-        py::arg("width"), py::arg("device"), py::arg("stream"),
-        "out[m, :] = x[index[m], :]; x has unit column stride, out is contiguous [num_index, width].");
+        py::arg("width"), py::arg("num_rows"), py::arg("device"), py::arg("stream"),
+        "out[m, :] = x[index[m], :]; x has unit column stride, out is contiguous [num_index, width]; "
+        "an index outside [0, num_rows) gives a NaN row.");
   m.def("scatter_add_rows", &scatter_add_rows, py::call_guard<py::gil_scoped_release>(), py::arg("grad_out"),
         py::arg("grad_out_row_stride"), py::arg("dtype"), py::arg("index"), py::arg("index_dtype"),
         py::arg("grad_x"), py::arg("accumulator"), py::arg("num_index"), py::arg("num_rows"), py::arg("width"),

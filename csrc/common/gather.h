@@ -42,7 +42,12 @@ struct GatherRowsArgs {
   void* out = nullptr;       // contiguous [M, D]
   int64_t num_index = 0;     // M
   int64_t width = 0;         // D
+  int64_t num_rows = 0;      // N: an index outside [0, N) (value checks off) gives a NaN row, reads nothing
 };
+
+// An index the op layer did not check (value checks off) may lie outside
+// [0, N): the kernels read and write nothing for it.
+FASTMLM_HD inline bool row_in_range(int64_t row, int64_t num_rows) { return row >= 0 && row < num_rows; }
 
 struct ScatterAddRowsArgs {
   const void* grad_out = nullptr;  // [M, D], unit column stride

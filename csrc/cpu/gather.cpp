@@ -1,6 +1,7 @@
 // gather_rows and scatter_add_rows on the CPU.
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -18,6 +19,10 @@ void gather_rows_cpu(const GatherRowsArgs& a) {
 #pragma omp parallel for schedule(static) if (a.num_index * row_bytes >= (1 << 22))
   for (int64_t m = 0; m < a.num_index; ++m) {
     const int64_t row = load_index(a.index, a.index_dtype, m);
+    if (!row_in_range(row, a.num_rows)) {
+      for (int64_t c = 0; c < a.width; ++c) store_float(a.out, a.dtype, m * a.width + c, NAN);
+      continue;
+    }
     std::memcpy(out + m * row_bytes, x + row * a.x_row_stride * element, row_bytes);
   }
 }
@@ -49,6 +54,7 @@ void scatter_add_rows_cpu(const ScatterAddRowsArgs& a) {
   std::vector<int64_t> first(a.num_rows, -1), last(a.num_rows, -1), next(a.num_index, -1);
   for (int64_t m = 0; m < a.num_index; ++m) {
     const int64_t row = load_index(a.index, a.index_dtype, m);
+    if (!row_in_range(row, a.num_rows)) continue;  // its gradient goes nowhere
     if (first[row] < 0) {
       first[row] = m;
     } else {

@@ -3,6 +3,7 @@
 // Thread layout for all row kernels: blocks of (32, kRowsPerBlock) threads;
 // threadIdx.y picks a row of the block's group, the 32 lanes stride along it,
 // so each row is read and written by one warp in coalesced runs.
+#include <cmath>
 #include <cstdint>
 
 #include "common/gather.h"
@@ -20,10 +21,16 @@ constexpr int kRowsPerBlock = 8;
 template <typename Unit>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
     gather_rows_kernel(const Unit* __restrict__ x, int64_t x_row_stride_units, const void* __restrict__ index,
-                       int index_dtype, Unit* __restrict__ out, int64_t units_per_row, int64_t num_index) {
+                       int index_dtype, Unit* __restrict__ out, int64_t units_per_row, int64_t num_index,
+                       int64_t num_rows, int dtype, int64_t width) {
   for (int64_t m = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.y; m < num_index;
        m += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const Unit* src = x + load_index(index, index_dtype, m) * x_row_stride_units;
+    const int64_t row = load_index(index, index_dtype, m);
+    if (!row_in_range(row, num_rows)) {  // value checks off: a NaN row, nothing read
+      for (int64_t c = threadIdx.x; c < width; c += 32) store_float(out, dtype, m * width + c, NAN);
+      continue;
+    }
+    const Unit* src = x + row * x_row_stride_units;
     Unit* dst = out + m * units_per_row;
     for (int64_t u = threadIdx.x; u < units_per_row; u += 32) dst[u] = src[u];
   }
@@ -35,7 +42,7 @@ void launch_gather(const GatherRowsArgs& a, int64_t unit_bytes, cudaStream_t str
   const dim3 block(32, kRowsPerBlock);
   gather_rows_kernel<Unit><<<grid_blocks(a.num_index, kRowsPerBlock), block, 0, stream>>>(
       static_cast<const Unit*>(a.x), a.x_row_stride * element / unit_bytes, a.index, a.index_dtype,
-      static_cast<Unit*>(a.out), a.width * element / unit_bytes, a.num_index);
+      static_cast<Unit*>(a.out), a.width * element / unit_bytes, a.num_index, a.num_rows, a.dtype, a.width);
 }
 
 // Non-deterministic scatter: fp32 atomics into acc [N, D] (zeroed first).
@@ -43,10 +50,12 @@ template <int kDtype>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
     scatter_add_atomic_kernel(const void* __restrict__ grad_out, int64_t grad_out_row_stride,
                               const void* __restrict__ index, int index_dtype, float* __restrict__ acc,
-                              int64_t num_index, int64_t width) {
+                              int64_t num_index, int64_t width, int64_t num_rows) {
   for (int64_t m = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.y; m < num_index;
        m += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    float* dst = acc + load_index(index, index_dtype, m) * width;
+    const int64_t row = load_index(index, index_dtype, m);
+    if (!row_in_range(row, num_rows)) continue;  // its gradient goes nowhere
+    float* dst = acc + row * width;
     const int64_t src = m * grad_out_row_stride;
     for (int64_t c = threadIdx.x; c < width; c += 32) atomicAdd(dst + c, load_float(grad_out, kDtype, src + c));
   }
@@ -71,10 +80,11 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
     scatter_add_sorted_kernel(const void* __restrict__ grad_out, int64_t grad_out_row_stride,
                               const void* __restrict__ sorted_index, int index_dtype,
                               const int64_t* __restrict__ order, void* __restrict__ grad_x,
-                              int64_t num_index, int64_t width) {
+                              int64_t num_index, int64_t width, int64_t num_rows) {
   for (int64_t s = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.y; s < num_index;
        s += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = load_index(sorted_index, index_dtype, s);
+    if (!row_in_range(row, num_rows)) continue;  // its gradient goes nowhere
     if (s > 0 && load_index(sorted_index, index_dtype, s - 1) == row) continue;  // not the run's first entry
     int64_t run_end = s + 1;
     while (run_end < num_index && load_index(sorted_index, index_dtype, run_end) == row) ++run_end;
@@ -127,15 +137,18 @@ void scatter_add_rows_atomic_cuda(const ScatterAddRowsArgs& a, int device, uintp
     switch (a.dtype) {
       case kFloat16:
         scatter_add_atomic_kernel<kFloat16><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
-                                                                     a.index_dtype, acc, a.num_index, a.width);
+                                                                     a.index_dtype, acc, a.num_index, a.width,
+                                                                     a.num_rows);
         break;
       case kBFloat16:
         scatter_add_atomic_kernel<kBFloat16><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
-                                                                      a.index_dtype, acc, a.num_index, a.width);
+                                                                      a.index_dtype, acc, a.num_index, a.width,
+                                                                     a.num_rows);
         break;
       default:
         scatter_add_atomic_kernel<kFloat32><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
-                                                                     a.index_dtype, acc, a.num_index, a.width);
+                                                                     a.index_dtype, acc, a.num_index, a.width,
+                                                                     a.num_rows);
         break;
     }
     FASTMLM_CUDA_CHECK_LAUNCH();
@@ -162,17 +175,17 @@ void scatter_add_rows_sorted_cuda(const ScatterAddRowsArgs& a, int device, uintp
     case kFloat16:
       scatter_add_sorted_kernel<kFloat16><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
                                                                    a.index_dtype, a.order, a.grad_x, a.num_index,
-                                                                   a.width);
+                                                                   a.width, a.num_rows);
       break;
     case kBFloat16:
       scatter_add_sorted_kernel<kBFloat16><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
                                                                     a.index_dtype, a.order, a.grad_x, a.num_index,
-                                                                    a.width);
+                                                                    a.width, a.num_rows);
       break;
     default:
       scatter_add_sorted_kernel<kFloat32><<<blocks, block, 0, s>>>(a.grad_out, a.grad_out_row_stride, a.index,
                                                                    a.index_dtype, a.order, a.grad_x, a.num_index,
-                                                                   a.width);
+                                                                   a.width, a.num_rows);
       break;
   }
   FASTMLM_CUDA_CHECK_LAUNCH();

@@ -39,7 +39,7 @@ def test_cuda_errors_become_runtime_errors():
     out = torch.empty(2, 8, device=DEV)
     with pytest.raises(RuntimeError, match="CUDA error"):
         C.gather_rows(x=x.data_ptr(), x_row_stride=8, dtype=0, index=index.data_ptr(), index_dtype=4,
-                      out=out.data_ptr(), num_index=2, width=8, device=10_000, stream=0)
+                      out=out.data_ptr(), num_index=2, width=8, num_rows=4, device=10_000, stream=0)
     # The failed call must leave the device and torch usable.
     torch.testing.assert_close(gather.gather_rows(x, index), x[index])
 
@@ -179,3 +179,18 @@ def test_scatter_add_rows_deterministic_one_long_run():
     det = gather.scatter_add_rows(grad, index, 3, deterministic=True)
     assert_equal(det.cpu(), gather.scatter_add_rows(grad.cpu(), index.cpu(), 3, deterministic=True), "one run")
     assert (det[1:] == 0).all()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gather_and_scatter_with_out_of_range_index_stay_in_bounds(deterministic):
+    # Value checks off: a NaN row for the gather, a dropped row for the scatter (both
+    # scatter paths), never an access outside the buffers (run under compute-sanitizer too).
+    x = torch.randn(6, 5, device=DEV)
+    index = torch.tensor([2, 6, -1, 2, 9**9, 0], device=DEV)
+    bad = torch.tensor([False, True, True, False, True, False], device=DEV)
+    out = gather.gather_rows(x, index)
+    assert out[bad].isnan().all() and torch.equal(out[~bad], x[index[~bad]])
+    grad = torch.randn(6, 5, device=DEV)
+    got = gather.scatter_add_rows(grad, index, 6, deterministic=deterministic)
+    expected = torch.zeros(6, 5, device=DEV).index_add_(0, index[~bad], grad[~bad])
+    torch.testing.assert_close(got, expected)

@@ -129,3 +129,19 @@ def test_available():
     assert gather.available("cpu") is None
     if not _ext.has_cuda_kernels():
         assert "without CUDA" in gather.available("cuda")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_out_of_range_index_reads_and_writes_nothing(dtype, deterministic):
+    # The op checks index values unless value checks are off; the kernels then still
+    # stay inside their buffers: a NaN row for the gather, a dropped row for the scatter.
+    x = torch.randn(6, 5).to(dtype)
+    index = torch.tensor([2, 6, -1, 2, 9**9, 0])
+    out = gather.gather_rows(x, index)
+    bad = torch.tensor([False, True, True, False, True, False])
+    assert out[bad].isnan().all()
+    assert_equal(out[~bad], x[index[~bad]])
+    grad = torch.randn(6, 5).to(dtype)
+    expected = ordered_scatter_add(grad[~bad], index[~bad], 6)
+    assert_equal(gather.scatter_add_rows(grad, index, 6, deterministic=deterministic), expected)

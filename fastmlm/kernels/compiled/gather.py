@@ -11,7 +11,8 @@ csrc/common/gather.h).
   CUDA: fp32 atomics, or with `deterministic` a stable torch sort of the index
   on the device and one thread per (output row, column) summing its run in
   sorted order: no atomics, and bit-identical to the CPU kernel.
-The index range ([0, N)) is checked by the op layer before these run.
+The index range ([0, N)) is checked by the op layer before these run; with value
+checks off an index outside it gives a NaN row (gather) or is dropped (scatter).
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         out=out.data_ptr(),
         num_index=index.shape[0],
         width=x.shape[1],
+        num_rows=x.shape[0],
         **_ext.launch_args(x),
     )
     return out
