@@ -79,19 +79,26 @@ REFERENCE_FLOAT_DTYPES = FLOAT_DTYPES + (torch.float64,)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def check_int(name: str, value, *, int64: bool = False) -> int:
+    """`value` as a Python int: ints and integer scalars (numpy, 0-d tensors) pass; floats
+    and bools are refused, since int() would silently truncate 3.7 or accept True."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if int64 and not -2**63 <= result < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {result}")
+    return result
+
+
 def check_loss_options(ignore_index, reduction: str, reductions: tuple[str, ...], label_smoothing: float,
                        z_loss: float) -> None:
     """The scalar options of the cross-entropy losses (mlm_cross_entropy, mlm_head)."""
     # An int, not a float: the kernels compare targets with int(ignore_index), the mean's
     # count with the value itself, and 1.5 would make the two disagree.
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__} {ignore_index!r}") from None
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    check_int("ignore_index", ignore_index, int64=True)
     if reduction not in reductions:
         raise ValueError(f"reduction must be one of {reductions}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:

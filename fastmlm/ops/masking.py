@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from fastmlm.ops.checks import INDEX_DTYPES, check_same_device, check_tensor, value_checks_enabled
+from fastmlm.ops.checks import INDEX_DTYPES, check_int, check_same_device, check_tensor, value_checks_enabled
 from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not
 from fastmlm.reference import masking as reference
 
@@ -97,7 +97,7 @@ def _seed_from(seed: int, generator: Optional[torch.Generator]) -> int:
         return int(torch.randint(2**62, (), generator=generator, device=generator.device))
     # The custom op's schema carries int64: fold the seed into the signed range
     # (the kernels use its 64 bits modulo 2**64, so nothing is lost).
-    seed = int(seed) % (1 << 64)
+    seed = check_int("seed", seed) % (1 << 64)
     return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
@@ -126,6 +126,7 @@ def mask_tokens(
         raise ValueError(f"budget must be 'bernoulli' or 'exact', got {budget!r}")
     if not 0.0 <= mlm_probability <= 1.0:
         raise ValueError(f"mlm_probability must be in [0, 1], got {mlm_probability}")
+    vocab_size, mask_token_id = check_int("vocab_size", vocab_size), check_int("mask_token_id", mask_token_id)
     if not 0 < vocab_size < 2**31:
         raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
     if not 0 <= mask_token_id < vocab_size:
@@ -145,8 +146,8 @@ def mask_tokens(
     check_same_device(input_ids=input_ids, **masks)
     if value_checks_enabled(ids) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise IndexError(f"input_ids has values outside the vocabulary [0, {vocab_size})")
-    masked, labels = _mask_tokens_op(ids, masks["special_tokens_mask"], masks["attention_mask"], int(mask_token_id),
-                                     int(vocab_size), float(mlm_probability), _seed_from(seed, generator), budget == "exact")
+    masked, labels = _mask_tokens_op(ids, masks["special_tokens_mask"], masks["attention_mask"], mask_token_id,
+                                     vocab_size, float(mlm_probability), _seed_from(seed, generator), budget == "exact")
     return (masked[0], labels[0]) if squeeze else (masked, labels)
 
 
@@ -157,6 +158,6 @@ def masked_positions(labels: torch.Tensor, *, ignore_index: int = -100, capacity
     and nothing waits on the device; `count` may exceed `capacity`.
     """
     check_tensor("labels", labels, dtypes=INDEX_DTYPES)
-    if capacity is not None and (not isinstance(capacity, int) or capacity < 0):
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
         raise ValueError(f"capacity must be a non-negative int, got {capacity!r}")
-    return _masked_positions_op(labels, int(ignore_index), capacity)
+    return _masked_positions_op(labels, check_int("ignore_index", ignore_index, int64=True), capacity)

@@ -71,7 +71,9 @@ def mask_tokens(
 
 def masked_positions(labels: torch.Tensor, *, ignore_index: int, capacity: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices of labelled entries in increasing order, and their count."""
-    valid = labels.reshape(-1) != ignore_index
+    # Compared in int64, as the kernels do: int32 labels against an ignore_index outside
+    # int32 would otherwise wrap the scalar (2**32 - 100 would match -100).
+    valid = labels.reshape(-1).to(torch.int64) != ignore_index
     count = valid.sum()
     if capacity is None:
         return torch.nonzero(valid).view(-1), count

@@ -91,6 +91,23 @@ def test_masking_checks():
             attention_mask=torch.ones(2, 8))
     rejects(TypeError, "input_ids must have dtype", mask_tokens, ids.float(), mask_token_id=1, vocab_size=100)
     rejects(ValueError, "capacity", masked_positions, ids, capacity=-1)
+    rejects(ValueError, "capacity", masked_positions, ids, capacity=True)
+    # Truncating 3.7 to 3 (or taking True as 1) would silently change the draw.
+    rejects(TypeError, "seed must be an int", mask_tokens, ids, mask_token_id=1, vocab_size=100, seed=3.7)
+    rejects(TypeError, "seed must be an int", mask_tokens, ids, mask_token_id=1, vocab_size=100, seed=True)
+    rejects(TypeError, "vocab_size must be an int", mask_tokens, ids, mask_token_id=1, vocab_size=100.5)
+    rejects(TypeError, "ignore_index must be an int", masked_positions, ids, ignore_index=-100.0)
+
+
+def test_masked_positions_compares_labels_in_int64():
+    # An ignore_index outside int32 must not wrap onto int32 labels (2**32 - 100 is not -100).
+    from fastmlm.ops import use_backend
+
+    labels = torch.tensor([-100, 0, 5, -100], dtype=torch.int32)
+    for backend in ("cpu", "torch"):
+        with use_backend(backend, "masked_positions"):
+            index, count = masked_positions(labels, ignore_index=2**32 - 100)
+        assert index.tolist() == [0, 1, 2, 3] and int(count) == 4, backend
 
 
 def test_value_checks_can_be_switched_off():
