@@ -96,7 +96,10 @@ def _prepare_run_dir(config: PretrainConfig, log: Callable[[str], None]) -> tupl
 
 def _prepare_tokenizer(config: PretrainConfig, out: Path, log: Callable[[str], None]) -> TextTokenizer:
     cached = out / TOKENIZER_FILE
-    if cached.is_file():  # resume, or a fresh run reusing a directory: training is not bit-reproducible
+    # Resuming reads the run's own tokenizer. A fresh run builds its own from the options,
+    # even where an earlier (failed) run left one: a stale file must not override
+    # --tokenizer or --vocab-size.
+    if config.resume and cached.is_file():
         return load_tokenizer(cached)
     source = config.tokenizer or (config.init if config.init and _has_tokenizer(config.init) else None)
     if source is None and config.init is not None:

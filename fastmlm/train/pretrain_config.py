@@ -87,6 +87,13 @@ class PretrainConfig:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        # clip_grad_norm_ with a negative norm flips every gradient: training would ascend.
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (inf: no clipping), got {self.max_grad_norm}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.hidden_size % self.num_heads:  # checked here, before anything is written to the run directory
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         self.adam_betas = tuple(self.adam_betas)
         self.corpus = [str(p) for p in self.corpus]
 

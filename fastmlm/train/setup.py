@@ -17,7 +17,10 @@ def resolve_device(name: str) -> torch.device:
     """'auto' is the first CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but torch sees no CUDA GPU (torch {torch.__version__})")
     if device.type not in ("cpu", "cuda"):

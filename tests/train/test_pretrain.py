@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from fastmlm.cli import SUBCOMMANDS, Subcommand, main, register
 from fastmlm.data import stdlib_docstring_documents
 from fastmlm.train import PretrainConfig, pretrain
 from fastmlm.train import checkpointing
+from fastmlm.train.setup import resolve_device
 
 TINY = dict(batch_size=8, max_length=32, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
             vocab_size=400, log_every=2, bucket_pool_batches=4, device="cpu")
@@ -130,6 +132,25 @@ def test_config_validation():
         PretrainConfig(steps=0)
     with pytest.raises(ValueError, match="mlm_probability"):
         PretrainConfig(mlm_probability=1.5)
+    with pytest.raises(ValueError, match="max_grad_norm"):  # a negative norm would flip every gradient
+        PretrainConfig(max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        PretrainConfig(keep_checkpoints=0)
+    with pytest.raises(ValueError, match="not a multiple of num_heads"):
+        PretrainConfig(hidden_size=32, num_heads=3)
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        resolve_device("bogus")
+
+
+def test_fresh_run_does_not_take_a_stale_tokenizer(tmp_path, corpus_file, tokenizer_file):
+    # A failed earlier run may leave tokenizer.json behind; a fresh run (no --resume) builds
+    # the tokenizer its options ask for instead of silently reusing that file.
+    stale = tmp_path / "run"
+    stale.mkdir()
+    (stale / "tokenizer.json").write_text(pathlib.Path(tokenizer_file).read_text())
+    result = pretrain(_config(tmp_path, corpus_file, steps=1, vocab_size=250), log=_quiet)
+    vocab = json.loads((result.out_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) <= 250 < len(json.loads(pathlib.Path(tokenizer_file).read_text())["model"]["vocab"])
 
 
 def test_cli_pretrain_and_errors(tmp_path, corpus_file, capsys):
