@@ -60,7 +60,8 @@ _PRETRAIN_HELP = {
     "adam_betas": "AdamW betas",
     "adam_eps": "AdamW epsilon",
     "max_grad_norm": "gradient clipping norm",
-    "seed": "run seed: data order, masking, dropout and initial weights derive from it",
+    "seed": "run seed: data order, masking, dropout and initial weights derive from it (a WordPiece "
+            "tokenizer trained by the run is not bit-reproducible: pass --tokenizer for identical runs)",
     "device": "auto, cpu, cuda or cuda:N",
     "cpu_threads": "torch threads on a CPU run, 0 = torch's default (1 can be faster on a busy machine)",
     "precision": "auto = bf16 autocast on CUDA, fp32 on CPU",

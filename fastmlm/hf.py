@@ -245,7 +245,7 @@ def _bert_model_forward(self, input_ids=None, attention_mask=None, token_type_id
     out = BaseModelOutputWithPoolingAndCrossAttentions(
         last_hidden_state=last, pooler_output=pooled,
         hidden_states=tuple(batch.repad(s) for s in states) if keep_all else None)
-    return out if _resolve(return_dict, self.config, "use_return_dict", True) else out.to_tuple()
+    return out if _resolve(return_dict, self.config, "return_dict", True) else out.to_tuple()
 
 
 def _check_column_zero_is_real(attention_mask) -> None:
@@ -286,7 +286,7 @@ def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids
         loss = _sparse_loss(self, hidden, rows, targets[rows])
     out = MaskedLMOutput(loss=loss, logits=logits,
                          hidden_states=tuple(batch.repad(s) for s in states) if keep_all else None)
-    return out if _resolve(return_dict, self.config, "use_return_dict", True) else out.to_tuple()
+    return out if _resolve(return_dict, self.config, "return_dict", True) else out.to_tuple()
 
 
 def _sparse_loss(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
