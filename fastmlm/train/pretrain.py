@@ -210,7 +210,8 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
     log(f"model: {n_params / 1e6:.2f} M parameters, device {device}, objective {config.objective}")
 
     step_fn = training_step(model, optimizer, scheduler, config, tokenizer, device)
-    end_step = min(config.steps, config.stop_after or config.steps)
+    # Never before the checkpoint resumed from: --stop-after below it stops at once.
+    end_step = max(start_step, min(config.steps, config.stop_after or config.steps))
     # Per-step values stay on the device until a log or a checkpoint reads them
     # (one host synchronisation per window, none per step).
     pending_losses: list[torch.Tensor] = []

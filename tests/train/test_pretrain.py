@@ -105,6 +105,9 @@ def test_run_directory_guards(tmp_path, corpus_file):
     # Resuming a finished run does no steps and leaves it finished.
     again = pretrain(_config(tmp_path, corpus_file, steps=2, resume=True), log=_quiet)
     assert again.resumed_from_step == 2 and len(again.losses) == 2
+    # --stop-after below the checkpoint's step reports where the run is, not the stop value.
+    again = pretrain(_config(tmp_path, corpus_file, steps=2, resume=True, stop_after=1), log=_quiet)
+    assert again.steps_done == 2 and len(again.losses) == 2
 
 
 def test_causal_objective(tmp_path, corpus_file):
