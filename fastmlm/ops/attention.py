@@ -22,10 +22,16 @@ ATTENTION = BackendTable("attention")
 MAX_HEAD_DIM = 128
 
 
-def _triton_why_not(device_type, q, *args) -> Optional[str]:
+# The kernels put one sequence per grid row (CUDA's y dimension), which holds at most 65535.
+MAX_TRITON_SEQUENCES = 65535
+
+
+def _triton_why_not(device_type, q, k, v, cu_q, *args) -> Optional[str]:
     reason = triton_why_not(device_type) or dtype_why_not(q.dtype, FLOAT_DTYPES)
     if reason is None and (q.shape[-1] % 8 or q.shape[-1] > MAX_HEAD_DIM):
         reason = f"head dim {q.shape[-1]} is not a multiple of 8 up to {MAX_HEAD_DIM}"
+    if reason is None and cu_q.shape[0] - 1 > MAX_TRITON_SEQUENCES:
+        reason = f"{cu_q.shape[0] - 1} sequences: the kernels' grid holds at most {MAX_TRITON_SEQUENCES}"
     return reason
 
 

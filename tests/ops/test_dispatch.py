@@ -88,3 +88,18 @@ def test_info_report_names_every_family():
     for family in ("attention", "gather_rows", "mask_tokens", "masked_positions", "mlm_cross_entropy"):
         assert f"{family}" in text
     assert "fastmlm._C" in text
+
+
+def test_triton_attention_declines_more_sequences_than_its_grid_holds():
+    # One sequence per grid row, and CUDA's grid y holds 65535: past that the op must fall
+    # back to another backend, not fail to launch.
+    from fastmlm.ops.attention import ATTENTION, MAX_TRITON_SEQUENCES
+
+    # The interpreter serves CPU tensors; on a GPU machine the check is the real one.
+    DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.zeros(1, 1, 16)
+    for sequences, declined in ((MAX_TRITON_SEQUENCES, False), (MAX_TRITON_SEQUENCES + 1, True)):
+        cu = torch.zeros(sequences + 1, dtype=torch.int32)
+        cu[-1] = 1
+        reason = ATTENTION.backends["triton"].why_not(DEVICE, q, q, q, cu, cu, 1, 1, False, 0.25, 0.0, torch.tensor(0))
+        assert (reason is not None and "grid" in reason) == declined, reason
