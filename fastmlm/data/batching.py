@@ -73,4 +73,4 @@ class StepBatchSampler:
         epoch, position = divmod(step, self.batches_per_epoch)
         if epoch != self._epoch:
             self._epoch, self._epoch_batches = epoch, self._batches_of_epoch(epoch)
-        return self._epoch_batches[position]
+        return self._epoch_batches[position].clone()  # the cache stays as drawn whatever the caller does

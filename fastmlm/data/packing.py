@@ -112,8 +112,9 @@ class PackedExamples:
                  offsets: torch.Tensor):
         if not (input_ids.shape == token_type_ids.shape == special_tokens_mask.shape) or input_ids.dim() != 1:
             raise ValueError("input_ids, token_type_ids and special_tokens_mask must be equal-length 1-D tensors")
-        if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[-1]) != input_ids.numel():
-            raise ValueError("offsets must be 1-D, start at 0 and end at the number of tokens")
+        if (offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[0]) != 0
+                or int(offsets[-1]) != input_ids.numel() or bool((offsets[1:] < offsets[:-1]).any())):
+            raise ValueError("offsets must be 1-D and non-decreasing, start at 0 and end at the number of tokens")
         self.input_ids = input_ids.to(torch.int32)
         self.token_type_ids = token_type_ids.to(torch.uint8)
         self.special_tokens_mask = special_tokens_mask.to(torch.uint8)

@@ -18,6 +18,8 @@ def corpus_documents(
     paths: Sequence[str | Path] | None = None, *, document_per: DocumentPer = "block"
 ) -> Iterator[Document]:
     """Documents of the text files at paths, or of the built-in stdlib-docstring corpus when paths is empty."""
+    if isinstance(paths, (str, Path)):  # one path, not a sequence of characters
+        paths = [paths]
     if paths:
         return read_text_documents(list(paths), document_per=document_per)
     return stdlib_docstring_documents()

@@ -36,7 +36,10 @@ class TextTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        # One past the largest id, not the number of distinct tokens: a vocab.txt with a
+        # repeated line (real ones have them) has fewer tokens than ids, and the model's
+        # embedding must cover every id the tokenizer emits.
+        return max(self.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def special_token_ids(self) -> frozenset[int]:
@@ -118,5 +121,10 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
         return TextTokenizer(Tokenizer.from_file(str(path)))
     if path.suffix == ".txt":
         vocab = models.WordPiece.read_file(str(path))
-        return TextTokenizer(_bert_pipeline(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##")))
+        tokenizer = _bert_pipeline(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"))
+        # Registered as special (at their vocab.txt ids), as a tokenizer.json marks them:
+        # "[MASK]" in text is one token, and decoding skips them.
+        # Only those the file has: a missing one must fail TextTokenizer's check, not be appended.
+        tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
+        return TextTokenizer(tokenizer)
     raise ValueError(f"unrecognised tokenizer file {path}: expected tokenizer.json or vocab.txt")

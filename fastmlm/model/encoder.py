@@ -56,7 +56,8 @@ class Encoder(nn.Module):
         super().__init__()
         if not isinstance(config, EncoderConfig):
             raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
-        if token_capacity is not None and (not isinstance(token_capacity, int) or token_capacity < 1):
+        if token_capacity is not None and (isinstance(token_capacity, bool) or not isinstance(token_capacity, int)
+                                           or token_capacity < 1):
             raise ValueError(f"token_capacity must be a positive int or None, got {token_capacity!r}")
         self.config = config
         self.token_capacity = token_capacity

@@ -43,6 +43,11 @@ def check_encoder_inputs(config: EncoderConfig, input_ids, attention_mask, token
                          max_seqlen, labels, token_capacity):
     """Validate; return (input_ids, attention_mask or None, token_type_ids, max_seqlen) with defaults filled."""
     _integer_tensor("input_ids", input_ids)
+    if input_ids.dtype not in (torch.int32, torch.int64):  # what the embedding lookup takes
+        raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): an encoder call needs at least "
+                         "one sequence of at least one token")
     if cu_seqlens is None:
         if input_ids.dim() != 2:
             raise ValueError(

@@ -84,7 +84,8 @@ class MaskedLM(nn.Module):
             # not the position of an arbitrary query subset; and a causal LM
             # labels nearly every row, so a subset would save nothing.
             raise ValueError("last_layer_subset is for objective='mlm' only")
-        if mask_capacity is not None and (not isinstance(mask_capacity, int) or mask_capacity < 1):
+        if mask_capacity is not None and (isinstance(mask_capacity, bool) or not isinstance(mask_capacity, int)
+                                          or mask_capacity < 1):
             raise ValueError(f"mask_capacity must be a positive int or None, got {mask_capacity!r}")
         self.config = config
         self.objective = objective

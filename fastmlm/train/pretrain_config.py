@@ -5,6 +5,7 @@ here is a new `fastmlm pretrain --knob` with no other change.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -94,8 +95,11 @@ class PretrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.hidden_size % self.num_heads:  # checked here, before anything is written to the run directory
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.max_length < 5:  # [CLS] a [SEP] b [SEP]: checked before anything is written
+            raise ValueError(f"max_length must be at least 5, got {self.max_length}")
         self.adam_betas = tuple(self.adam_betas)
-        self.corpus = [str(p) for p in self.corpus]
+        corpus = [self.corpus] if isinstance(self.corpus, (str, os.PathLike)) else self.corpus
+        self.corpus = [str(p) for p in corpus]
 
     @property
     def resolved_warmup_steps(self) -> int:

@@ -106,6 +106,15 @@ def test_load_vocab_txt_and_errors(tmp_path):
     tok = load_tokenizer(tmp_path / "vocab.txt")
     assert tok.encode("Hello worlds THE") == [5, 6, 7, 8]
     assert tok.encode("unknownword") == [tok.unk_token_id]
+    # The special tokens are special, as in a tokenizer.json: one token in text, skipped by decode.
+    assert tok.encode("hello [MASK]") == [5, tok.mask_token_id]
+    assert tok.decode([tok.cls_token_id, 5, tok.mask_token_id, tok.sep_token_id, tok.pad_token_id]) == "hello"
+    # A repeated line (real vocab.txt files have them) leaves an id past the token count:
+    # vocab_size is one past the largest id, so an embedding sized by it covers every id.
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "vocab.txt").write_text("\n".join(vocab + ["hello", "foo"]) + "\n")
+    dup = load_tokenizer(tmp_path / "dup" / "vocab.txt")
+    assert dup.encode("foo") == [10] and dup.vocab_size == 11
     (tmp_path / "bad").mkdir()
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "bad")
@@ -187,12 +196,18 @@ def test_packed_examples_roundtrip_and_fingerprint(stdlib_docs, small_tokenizer)
     assert seeded[0] != seeded[1]  # the seed moves the A/B cut points
     with pytest.raises(IndexError):
         packed[len(packed)]
+    ids, zeros = torch.arange(6), torch.zeros(6, dtype=torch.int64)
+    for offsets in ([1, 6], [0, 4, 2, 6]):  # not from 0; decreasing
+        with pytest.raises(ValueError, match="offsets"):
+            PackedExamples(ids, zeros, zeros, torch.tensor(offsets))
 
 
 def test_corpus_documents_defaults_to_stdlib(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text(TEXT)
     assert len(list(corpus_documents([path]))) == 3
+    # One path given as a string or a Path is one file, not a sequence of characters.
+    assert len(list(corpus_documents(str(path)))) == len(list(corpus_documents(path))) == 3
     first = next(corpus_documents())
     assert first and isinstance(first[0], str)
 
@@ -217,6 +232,9 @@ def test_step_batch_sampler_is_a_pure_function_of_step():
     assert padded(bucketed) < padded(plain)
     with pytest.raises(ValueError, match="fewer than one batch"):
         StepBatchSampler(lengths[:3], 8)
+    first = sampler.batch_indices(0)
+    first[0] = -1  # the caller's copy: the sampler's answer for step 0 does not change
+    assert int(sampler.batch_indices(0)[0]) != -1
 
 
 def test_derive_seed():

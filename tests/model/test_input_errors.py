@@ -41,6 +41,10 @@ CASES = {
     "id above vocabulary": (lambda ids, mask, labels: (ids.index_fill(1, torch.tensor([2]), 40), mask, labels), ValueError, "vocabulary"),
     "negative id": (lambda ids, mask, labels: (ids.index_fill(1, torch.tensor([2]), -1), mask, labels), ValueError, "vocabulary"),
     "float ids": (lambda ids, mask, labels: (ids.float(), mask, labels), TypeError, "integer"),
+    "uint8 ids": (lambda ids, mask, labels: (ids.to(torch.uint8), mask, labels), TypeError, "int32 or int64"),
+    "no sequences": (lambda ids, mask, labels: (ids[:0], mask[:0], labels[:0]), ValueError, "input_ids is empty"),
+    "no tokens": (lambda ids, mask, labels: (ids[:, :0], mask[:, :0], labels[:, :0]), ValueError,
+                  "input_ids is empty"),
     "1-D ids without cu_seqlens": (lambda ids, mask, labels: (ids[0], None, labels[0]), ValueError, "cu_seqlens"),
     "too long": (lambda ids, mask, labels: (ids.repeat(1, 3), mask.repeat(1, 3), labels.repeat(1, 3)), ValueError,
                  "max_position_embeddings"),
@@ -108,6 +112,10 @@ def test_labels_required_for_mlm_and_bad_options():
         MaskedLM(CONFIG, objective="causal", last_layer_subset=True)
     with pytest.raises(ValueError, match="mask_capacity"):
         MaskedLM(CONFIG, mask_capacity=0)
+    with pytest.raises(ValueError, match="mask_capacity"):  # a bool is not a capacity
+        MaskedLM(CONFIG, mask_capacity=True)
+    with pytest.raises(ValueError, match="token_capacity"):
+        Encoder(CONFIG, token_capacity=True)
     with pytest.raises(TypeError, match="EncoderConfig"):
         Encoder({"hidden_size": 16})
 

@@ -143,6 +143,9 @@ def test_config_validation():
         PretrainConfig(hidden_size=32, num_heads=3)
     with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
         resolve_device("bogus")
+    with pytest.raises(ValueError, match="max_length must be at least 5"):
+        PretrainConfig(max_length=4)
+    assert PretrainConfig(corpus="/data/one.txt").corpus == ["/data/one.txt"]  # one path, not its characters
 
 
 def test_fresh_run_does_not_take_a_stale_tokenizer(tmp_path, corpus_file, tokenizer_file):
