@@ -54,7 +54,7 @@ def attention_backward_delta_kernel(
     do = tl.load(GradOut + head * stride_do_h + offs_t[:, None].to(tl.int64) * stride_do_t
                  + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + head * stride_delta_h + offs_t, delta, mask=offs_t < num_rows)
+    tl.store(Delta + head.to(tl.int64) * stride_delta_h + offs_t, delta, mask=offs_t < num_rows)
 
 
 @triton.jit
@@ -168,8 +168,8 @@ def attention_backward_dkdv_kernel(
     v = _load_rows(v_base, offs_n, offs_d, k_len, stride_v_t, stride_v_d, HEAD_DIM, BLOCK_D, True)
     q_base = Q + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
     do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head * stride_do_h
-    lse_base = Lse + head * stride_lse_h + q_start
-    delta_base = Delta + head * stride_delta_h + q_start
+    lse_base = Lse + head.to(tl.int64) * stride_lse_h + q_start
+    delta_base = Delta + head.to(tl.int64) * stride_delta_h + q_start
     if DROPOUT:
         seed_lo, seed_hi = load_seed_words(Seed)
         prefix = counter_hash_prefix(seed_lo, seed_hi, head + STREAM_DROPOUT)
@@ -289,8 +289,8 @@ def attention_backward_dq_kernel(
     q = _load_rows(q_base, offs_m, offs_d, q_len, stride_q_t, stride_q_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(do_base, offs_m, offs_d, q_len, stride_do_t, stride_do_d, HEAD_DIM, BLOCK_D, True)
     # Rows past q_len read lse = delta = 0 and dO = 0, so their ds is 0 even in unmasked tiles.
-    lse, delta = _load_row_stats(Lse + head * stride_lse_h + q_start,
-                                 Delta + head * stride_delta_h + q_start, offs_m, q_len, True)
+    lse, delta = _load_row_stats(Lse + head.to(tl.int64) * stride_lse_h + q_start,
+                                 Delta + head.to(tl.int64) * stride_delta_h + q_start, offs_m, q_len, True)
     k_base = K + k_start.to(tl.int64) * stride_k_t + head * stride_k_h
     v_base = V + k_start.to(tl.int64) * stride_v_t + head * stride_v_h
     if DROPOUT:

@@ -181,4 +181,4 @@ def attention_forward_kernel(
     o_ptrs = (Out + q_start.to(tl.int64) * stride_o_t + head * stride_o_h
               + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
-    tl.store(Lse + head * stride_lse_h + q_start + offs_m, lse, mask=row_in)
+    tl.store(Lse + head.to(tl.int64) * stride_lse_h + q_start + offs_m, lse, mask=row_in)
