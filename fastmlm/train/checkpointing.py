@@ -148,7 +148,8 @@ def save_checkpoint(
                 os.fsync(f.fileno())
         # The same step saved again (e.g. a resumed run ending where it began): the old one
         # is moved aside, not deleted, until the new one is in place (a directory cannot be
-        # replaced by a rename), so a crash in between still leaves a whole checkpoint.
+        # replaced by a rename), so a crash in between still leaves a whole checkpoint,
+        # which the next save's _prune puts back.
         aside = final.parent / f".{final.name}.old-{os.getpid()}"
         if final.exists():
             os.replace(final, aside)
@@ -175,8 +176,13 @@ def _prune(run_dir: str | Path, keep_last: int) -> None:
     root = Path(run_dir) / CHECKPOINTS
     for entry in root.iterdir():
         # .step-N.tmp-PID / .step-N.old-PID: another live process may still be writing its own.
-        match = re.fullmatch(r"\.step-\d+\.(?:tmp|old)-(\d+)", entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        match = re.fullmatch(r"\.(step-\d+)\.(tmp|old)-(\d+)", entry.name)
+        if match is None or int(match.group(3)) == os.getpid() or _pid_alive(int(match.group(3))):
+            continue
+        final = root / match.group(1)
+        if match.group(2) == "old" and not final.exists():
+            os.replace(entry, final)  # set aside by a run killed before its new copy was in place
+        else:
             shutil.rmtree(entry, ignore_errors=True)
     if keep_last > 0:
         for _, path in list_checkpoints(run_dir)[:-keep_last]:

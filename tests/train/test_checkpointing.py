@@ -119,6 +119,11 @@ def test_incomplete_and_stale_directories_are_ignored_and_pruned(tmp_path):
     assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [2, 3]
     assert not (root / f".step-00000008.tmp-{dead.pid}").exists()
     assert (root / f".step-00000007.tmp-{os.getppid()}").exists()
+    # A checkpoint set aside by a run killed before its re-saved copy was in place comes back.
+    checkpointing.checkpoint_dir(tmp_path, 3).rename(root / f".step-00000003.old-{dead.pid}")
+    checkpointing.save_checkpoint(tmp_path, 4, save_model=_save_model(model), optimizer=optimizer,
+                                  scheduler=scheduler, keep_last=3)
+    assert [s for s, _ in checkpointing.list_checkpoints(tmp_path)] == [2, 3, 4]
 
 
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
