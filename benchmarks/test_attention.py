@@ -61,6 +61,8 @@ def run_timed(benchmark, fn, lengths, causal, backward, variant):
         torch.cuda.synchronize()
 
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test
+        return
     seconds = benchmark.stats.stats.median
     # The wall time above includes Python and launch overhead (tens of microseconds,
     # comparable to the kernels at this size); do_bench's CUDA-event time of

@@ -69,6 +69,8 @@ def run(benchmark, device, dtype, rows, variant, rounds, warmup_rounds):
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
     matmuls = 4 if variant == "chunked" else 3
     flops = matmuls * 2 * total * HIDDEN * VOCAB
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(rows=rows, rows_computed=total, gflop_per_s=flops / seconds / 1e9,
                                 peak_logit_bytes=(total * (ce.default_chunk_size(VOCAB, total) if variant == "chunked"

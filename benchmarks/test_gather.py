@@ -36,6 +36,8 @@ def _bench(benchmark, device, fn, rounds, moved_bytes):
 
     run()
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: the body ran once as a smoke test
+        return
     benchmark.extra_info["GB_per_s"] = moved_bytes / benchmark.stats.stats.mean / 1e9
 
 
