@@ -52,7 +52,12 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig, *, token_capacity: Optional[int] = None, pooler: bool = False):
-        """token_capacity: pack padded batches to exactly this many token rows (static shapes)."""
+        """token_capacity: pack padded batches to exactly this many token rows (static shapes).
+
+        More real tokens than that is an error in eager mode; with value checks off
+        (compiled, captured) the tokens past it are dropped and their sequences attend
+        only to the kept part.
+        """
         super().__init__()
         if not isinstance(config, EncoderConfig):
             raise TypeError(f"config must be an EncoderConfig, got {type(config).__name__}")
