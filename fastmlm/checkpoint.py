@@ -222,8 +222,18 @@ def replace_atomically(writers: dict) -> None:
                 os.unlink(temporary)
 
 
-def _write_safetensors(state: dict, path: str) -> None:
-    save_file(state, path, metadata={"format": "pt"})
+def write_safetensors(state: dict, path: str | os.PathLike, metadata: dict) -> None:
+    """save_file, then fsync, with the permissions any new file gets (umask applied).
+
+    safetensors creates its file 0600, which would make checkpoints unreadable to the
+    group that can read the directory and config.json; the mode a plain create gets is
+    taken from a placeholder at `path` (thread-safe, unlike reading the umask).
+    """
+    path = os.fspath(path)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
+    mode = os.stat(path).st_mode & 0o777
+    save_file(state, path, metadata=metadata)
+    os.chmod(path, mode)
     with open(path, "rb") as f:  # on disk before the rename makes it the checkpoint
         os.fsync(f.fileno())
 
@@ -235,7 +245,7 @@ def save_pretrained(model, directory: str | os.PathLike) -> None:
     state = to_hf_state_dict(model)
     config: EncoderConfig = model.config
     architecture = "BertForMaskedLM" if _is_masked_lm(model) else "BertModel"
-    replace_atomically({os.path.join(directory, WEIGHTS_NAME): lambda tmp: _write_safetensors(state, tmp),
+    replace_atomically({os.path.join(directory, WEIGHTS_NAME): lambda tmp: write_safetensors(state, tmp, {"format": "pt"}),
                         os.path.join(directory, CONFIG_NAME): lambda tmp: config.write_json(tmp, architecture)})
 
 

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..checkpoint import write_safetensors
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -135,7 +137,7 @@ def save_checkpoint(
         tmp.mkdir()
         save_model(tmp)
         tensors, optimizer_metadata = optimizer_state_to_safetensors(optimizer)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "fastmlm-optimizer"})
+        write_safetensors(tensors, tmp / OPTIMIZER_FILE, {"format": "fastmlm-optimizer"})
         state = {
             "step": step,
             "optimizer": optimizer_metadata,

@@ -252,10 +252,14 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatc
     assert_same_tensors(reloaded.state_dict(), old.state_dict())
 
 
-def test_config_gets_the_usual_permissions(tmp_path):
-    # Written under a temporary name of our own, not mkstemp's 0600 file. (safetensors
-    # itself creates model.safetensors 0600, as it does for transformers' checkpoints.)
-    umask = os.umask(0)
-    os.umask(umask)
-    Encoder(tiny_config(31)).save_pretrained(tmp_path)
-    assert os.stat(tmp_path / "config.json").st_mode & 0o777 == 0o666 & ~umask
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoint_files_get_the_usual_permissions(tmp_path, umask):
+    # Not mkstemp's 0600 nor the 0600 file safetensors creates: what any new file gets,
+    # so a checkpoint shared through a group-readable directory stays readable.
+    previous = os.umask(umask)
+    try:
+        Encoder(tiny_config(31)).save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "model.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name

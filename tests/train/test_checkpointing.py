@@ -88,6 +88,18 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     assert set(tensors) == {f"state.{i}.{n}" for i in range(6) for n in ("step", "exp_avg", "exp_avg_sq")}
 
 
+def test_optimizer_and_state_files_get_the_usual_permissions(tmp_path):
+    model, optimizer, scheduler = _toy()
+    previous = os.umask(0o027)
+    try:
+        path = checkpointing.save_checkpoint(tmp_path, 1, save_model=lambda d: None, optimizer=optimizer,
+                                             scheduler=scheduler)
+    finally:
+        os.umask(previous)
+    for name in ("optimizer.safetensors", "training_state.json"):
+        assert os.stat(path / name).st_mode & 0o777 == 0o640, name
+
+
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
     model, optimizer, scheduler = _toy()
     _train(model, optimizer, scheduler, 1)
