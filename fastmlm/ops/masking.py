@@ -119,7 +119,8 @@ def mask_tokens(
     probability `mlm_probability` (`budget="bernoulli"`) or exactly
     round(p * n_eligible) per row are (`budget="exact"`). A selected position
     becomes `mask_token_id` (80%), a random id in [0, vocab_size) (10%) or stays
-    (10%); `labels` holds its original id, -100 elsewhere.
+    (10%); `labels` holds its original id, -100 elsewhere. A `generator` only draws
+    the seed; a CUDA one is read back to the host (one sync), an int `seed` is not.
     """
     check_tensor("input_ids", input_ids, ndim=(1, 2), dtypes=INDEX_DTYPES)
     if budget not in ("bernoulli", "exact"):
