@@ -27,6 +27,12 @@ int cuda_device_count() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastmlm compiled kernels (C++/OpenMP and, when built with nvcc, CUDA)";
   m.attr("with_cuda") = fastmlm::kWithCuda;
+#if defined(FASTMLM_CUDA_ARCHITECTURES)
+  // CMake CUDA_ARCHITECTURES, comma-separated ("80-real,90"): read by fastmlm/_ext.py.
+  m.attr("cuda_architectures") = FASTMLM_CUDA_ARCHITECTURES;
+#else
+  m.attr("cuda_architectures") = "";
+#endif
   m.def("cuda_device_count", &fastmlm::cuda_device_count,
         "Number of CUDA devices; raises RuntimeError with the CUDA error code and string on failure.");
   m.def(

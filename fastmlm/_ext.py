@@ -10,7 +10,9 @@ legal: every op then runs another backend, and `load_error()` says why.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -120,8 +122,14 @@ def require(device_type: str) -> ModuleType:
     return module()
 
 
-def unavailable_reason(device_type: str) -> Optional[str]:
-    """Why `fastmlm._C` cannot serve tensors of this device type, or None."""
+def unavailable_reason(device_type: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why `fastmlm._C` cannot serve tensors of this device type, or None.
+
+    For CUDA, `device` is the GPU the call's tensors are on (None: the current
+    one): a module built for other architectures, or a driver older than the
+    CUDA runtime it links, fails every launch, so such a GPU is refused here and
+    the op falls back to another backend.
+    """
     error = load_error()
     if error is not None:
         return error
@@ -131,5 +139,59 @@ def unavailable_reason(device_type: str) -> Optional[str]:
         if not has_cuda_kernels():
             return ("fastmlm._C was built without CUDA kernels (nvcc not found at build time, or FASTMLM_CUDA=0); "
                     "rebuild with nvcc on PATH")
-        return None
+        return _cuda_runtime_reason() or _architecture_reason(device)
     return f"fastmlm._C has no kernels for {device_type} tensors"
+
+
+@functools.cache
+def _cuda_runtime_reason() -> Optional[str]:
+    """Whether the CUDA runtime linked into fastmlm._C works on this machine (asked once)."""
+    try:
+        count = cuda_device_count()
+    except RuntimeError as exc:  # e.g. cudaErrorInsufficientDriver: the driver is older than the runtime
+        return f"fastmlm._C's CUDA runtime cannot use this machine's GPUs ({exc})"
+    if count == 0:
+        return "fastmlm._C's CUDA runtime sees no GPU"
+    return None
+
+
+def cuda_architectures() -> tuple[str, ...]:
+    """CMake CUDA_ARCHITECTURES entries `fastmlm._C` was built for, e.g. ("80-real", "90"); () if unknown."""
+    value = getattr(module(), "cuda_architectures", "") if has_cuda_kernels() else ""
+    return tuple(entry for entry in value.split(",") if entry)
+
+
+def architecture_runs(entry: str, capability: tuple[int, int]) -> Optional[bool]:
+    """Whether code built for one CUDA_ARCHITECTURES entry runs on a GPU of `capability`.
+
+    Machine code ("80-real") runs on the same major version from its minor up
+    (sm_80 on 8.6 and 8.9); PTX ("80-virtual", or the PTX half of a plain "90")
+    is JIT-compiled for any later GPU; arch-specific code ("90a") runs on that
+    GPU only and family code ("100f") on its major version. None for entries
+    that name no architecture ("native", "all").
+    """
+    match = re.fullmatch(r"(\d+)(\d)([af]?)(?:-(real|virtual))?", entry)
+    if match is None:
+        return None
+    major, minor, suffix, kind = int(match[1]), int(match[2]), match[3], match[4]
+    capability = tuple(capability)
+    if suffix == "a":
+        return capability == (major, minor)
+    same_major = capability[0] == major and capability[1] >= minor
+    if suffix == "f" or kind == "real":
+        return same_major
+    return capability >= (major, minor)  # PTX: "-virtual", or the PTX a plain entry includes
+
+
+def _architecture_reason(device: Optional[torch.device]) -> Optional[str]:
+    architectures = cuda_architectures()
+    if not architectures:
+        return None  # a build that does not record them: let the launch say
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    capability = torch.cuda.get_device_capability(device)
+    if any(architecture_runs(entry, capability) is not False for entry in architectures):
+        return None
+    version = ".".join(map(str, capability))
+    return (f"fastmlm._C has CUDA code for {', '.join(architectures)}, none of which runs on this GPU "
+            f"(compute capability {version}); rebuild with FASTMLM_CUDA_ARCHS={version}")

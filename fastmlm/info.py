@@ -62,7 +62,9 @@ def report() -> str:
     error = _ext.load_error()
     lines.append("fastmlm._C: " + ("loaded" if error is None else f"not loaded ({error})"))
     if error is None:
-        lines.append("CUDA kernels compiled in: " + ("yes" if _ext.has_cuda_kernels() else "no"))
+        built = _ext.has_cuda_kernels()
+        lines.append("CUDA kernels compiled in: " + (f"yes, for {', '.join(_ext.cuda_architectures()) or '?'}"
+                                                     if built else "no"))
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
     else:

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from fastmlm.ops.checks import FLOAT_DTYPES, REFERENCE_FLOAT_DTYPES, check_same_device, check_tensor, value_checks_enabled
-from fastmlm.ops.dispatch import Backend, BackendTable, dtype_why_not, recompute_backward, triton_why_not
+from fastmlm.ops.dispatch import (Backend, BackendTable, call_device, dtype_why_not, recompute_backward,
+                                   triton_why_not)
 from fastmlm.ops.registration import register_autocast
 from fastmlm.reference import attention as reference
 from fastmlm.reference.random import seed_tensor
@@ -27,7 +28,7 @@ MAX_TRITON_SEQUENCES = 65535
 
 
 def _triton_why_not(device_type, q, k, v, cu_q, *args) -> Optional[str]:
-    reason = triton_why_not(device_type) or dtype_why_not(q.dtype, FLOAT_DTYPES)
+    reason = triton_why_not(device_type, call_device(device_type, q)) or dtype_why_not(q.dtype, FLOAT_DTYPES)
     if reason is None and (q.shape[-1] % 8 or q.shape[-1] > MAX_HEAD_DIM):
         reason = f"head dim {q.shape[-1]} is not a multiple of 8 up to {MAX_HEAD_DIM}"
     if reason is None and cu_q.shape[0] - 1 > MAX_TRITON_SEQUENCES:

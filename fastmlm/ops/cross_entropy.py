@@ -21,7 +21,8 @@ from fastmlm.ops.checks import (
     check_tensor,
     value_checks_enabled,
 )
-from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not, dtype_why_not, triton_why_not
+from fastmlm.ops.dispatch import (Backend, BackendTable, call_device, compiled_why_not, dtype_why_not,
+                                   triton_why_not)
 from fastmlm.ops.registration import autocast_floats, register_autocast
 from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import cross_entropy as reference
@@ -31,14 +32,15 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _triton_why_not(device_type, hidden, *args) -> Optional[str]:
-    return triton_why_not(device_type) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
+    return triton_why_not(device_type, call_device(device_type, hidden)) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
 
 
 def _compiled_on(device: str):
     def why_not(device_type, hidden, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type, "cross_entropy") or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
+        return (compiled_why_not(device_type, "cross_entropy", call_device(device_type, hidden))
+                or dtype_why_not(hidden.dtype, FLOAT_DTYPES))
 
     return why_not
 

@@ -171,8 +171,16 @@ class BackendTable:
 # ---------------------------------------------------------------------------
 # Availability shared by many backends.
 
-def triton_why_not(device_type: str) -> Optional[str]:
-    """Why Triton kernels cannot run on tensors of this device type."""
+def call_device(device_type: str, tensor) -> Optional[torch.device]:
+    """The CUDA device of a call's first tensor, which availability is judged on; None
+    (the current device) for a call described without real tensors (meta, in `fastmlm info`)."""
+    if device_type == "cuda" and isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda":
+        return tensor.device
+    return None
+
+
+def triton_why_not(device_type: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why Triton kernels cannot run on tensors of this device type (on `device`, for CUDA)."""
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
@@ -186,17 +194,18 @@ def triton_why_not(device_type: str) -> Optional[str]:
         return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors, not CUDA ones"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    major, _ = torch.cuda.get_device_capability()
+    major, _ = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"fastmlm's Triton kernels need compute capability >= 8.0, this GPU has {major}.x"
     return None
 
 
-def compiled_why_not(device_type: str, kernels: str) -> Optional[str]:
+def compiled_why_not(device_type: str, kernels: str, device: Optional[torch.device] = None) -> Optional[str]:
     """Why the compiled kernels `fastmlm.kernels.compiled.<kernels>` cannot serve this device type.
 
     Each adapter module knows what it needs from fastmlm._C (the module
-    loaded, CUDA kernels compiled in, its own entry points present).
+    loaded, CUDA kernels compiled in and runnable on `device`, its own entry
+    points present).
     """
     if device_type not in ("cpu", "cuda"):
         return f"fastmlm._C has no kernels for {device_type} tensors"
@@ -204,7 +213,7 @@ def compiled_why_not(device_type: str, kernels: str) -> Optional[str]:
         module = importlib.import_module(f"fastmlm.kernels.compiled.{kernels}")
     except ImportError as exc:
         return f"fastmlm.kernels.compiled.{kernels} cannot be imported ({exc})"
-    return module.available(device_type)
+    return module.available(device_type, device)
 
 
 def dtype_why_not(dtype: torch.dtype, allowed: tuple[torch.dtype, ...]) -> Optional[str]:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from fastmlm.ops.checks import FLOAT_DTYPES, INDEX_DTYPES, REFERENCE_FLOAT_DTYPES, check_index_range, check_same_device, check_tensor
-from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not, dtype_why_not
+from fastmlm.ops.dispatch import Backend, BackendTable, call_device, compiled_why_not, dtype_why_not
 from fastmlm.reference import gather as reference
 
 GATHER_ROWS = BackendTable("gather_rows")
@@ -20,7 +20,8 @@ def _compiled_on(device: str):
     def why_not(device_type: str, rows: torch.Tensor, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type, "gather") or dtype_why_not(rows.dtype, FLOAT_DTYPES)
+        return (compiled_why_not(device_type, "gather", call_device(device_type, rows))
+                or dtype_why_not(rows.dtype, FLOAT_DTYPES))
 
     return why_not
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from fastmlm.ops.checks import INDEX_DTYPES, check_int, check_same_device, check_tensor, value_checks_enabled
-from fastmlm.ops.dispatch import Backend, BackendTable, compiled_why_not
+from fastmlm.ops.dispatch import Backend, BackendTable, call_device, compiled_why_not
 from fastmlm.reference import masking as reference
 
 MASK_TOKENS = BackendTable("mask_tokens")
@@ -24,7 +24,7 @@ def _on(device: str):
     def why_not(device_type: str, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        return compiled_why_not(device_type, "masking")
+        return compiled_why_not(device_type, "masking", call_device(device_type, args[0] if args else None))
 
     return why_not
 

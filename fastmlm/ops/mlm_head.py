@@ -27,8 +27,8 @@ from fastmlm.ops.checks import (
     value_checks_enabled,
 )
 from fastmlm.ops.cross_entropy import REDUCTIONS
-from fastmlm.ops.dispatch import (Backend, BackendTable, compiled_why_not, dtype_why_not, recompute_backward,
-                                   triton_why_not)
+from fastmlm.ops.dispatch import (Backend, BackendTable, call_device, compiled_why_not, dtype_why_not,
+                                   recompute_backward, triton_why_not)
 from fastmlm.ops.registration import autocast_floats, register_autocast
 from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import mlm_head as reference
@@ -42,7 +42,8 @@ SevenTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 
 def _triton_why_not(device_type, hidden_all, *args) -> Optional[str]:
-    reason = triton_why_not(device_type) or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES)
+    reason = (triton_why_not(device_type, call_device(device_type, hidden_all))
+              or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES))
     if reason is None and hidden_all.shape[1] > TRITON_MAX_HIDDEN:
         reason = f"hidden size {hidden_all.shape[1]} > {TRITON_MAX_HIDDEN} (LayerNorm row must fit one block)"
     return reason
@@ -72,12 +73,8 @@ def _compiled_on(device: str):
     def why_not(device_type, hidden_all, *args) -> Optional[str]:
         if device_type != device:
             return f"serves {device} tensors, not {device_type}"
-        reason = compiled_why_not(device_type, "mlm_head") or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES)
-        if reason is None:
-            from fastmlm.kernels.compiled import mlm_head as kernel
-
-            reason = kernel.available(device_type)  # a _C built without the cross-entropy kernels
-        return reason
+        return (compiled_why_not(device_type, "mlm_head", call_device(device_type, hidden_all))
+                or dtype_why_not(hidden_all.dtype, FLOAT_DTYPES))
 
     return why_not
 

@@ -33,6 +33,21 @@ def test_module_sees_the_gpu():
     assert C.cuda_device_count() == torch.cuda.device_count()
 
 
+def test_kernels_are_offered_for_this_gpu():
+    assert _ext.unavailable_reason("cuda", DEV) is None, _ext.cuda_architectures()
+
+
+def test_a_gpu_the_build_cannot_run_falls_back_to_torch(monkeypatch):
+    from fastmlm.ops import gather_rows
+    from fastmlm.ops.gather import GATHER_ROWS
+
+    x = torch.randn(16, 8, device=DEV)
+    index = torch.tensor([3, 0, 15], device=DEV)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert GATHER_ROWS.choose("cuda", x, index).name == "torch"
+    torch.testing.assert_close(gather_rows(x, index), x[index])
+
+
 def test_cuda_errors_become_runtime_errors():
     x = torch.randn(4, 8, device=DEV)
     index = torch.zeros(2, dtype=torch.int64, device=DEV)

@@ -103,3 +103,99 @@ def test_triton_attention_declines_more_sequences_than_its_grid_holds():
         cu[-1] = 1
         reason = ATTENTION.backends["triton"].why_not(DEVICE, q, q, q, cu, cu, 1, 1, False, 0.25, 0.0, torch.tensor(0))
         assert (reason is not None and "grid" in reason) == declined, reason
+
+
+# ---------------------------------------------------------------------------
+# The compiled CUDA kernels are refused where they cannot launch, so the op
+# falls back instead of failing: a GPU none of the built architectures runs on
+# (a T4 with the default sm_80/sm_90 build) or a driver older than the runtime.
+
+@pytest.mark.parametrize("entry, capability, runs", [
+    ("80-real", (8, 0), True), ("80-real", (8, 6), True), ("80-real", (8, 9), True),
+    ("80-real", (9, 0), False), ("80-real", (7, 5), False),
+    ("90", (9, 0), True), ("90", (10, 0), True), ("90", (12, 0), True), ("90", (8, 9), False),
+    ("90-virtual", (12, 1), True), ("90-real", (10, 0), False),
+    ("90a", (9, 0), True), ("90a-real", (9, 0), True), ("90a", (10, 0), False),
+    ("100f", (10, 3), True), ("100f", (12, 0), False), ("120", (10, 0), False),
+    ("native", (9, 0), None), ("all-major", (9, 0), None),
+])
+def test_architecture_runs(entry, capability, runs):
+    from fastmlm import _ext
+
+    assert _ext.architecture_runs(entry, capability) is runs
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """fastmlm._C as if built with CUDA kernels for `archs` on a machine whose torch sees a GPU."""
+    from fastmlm import _ext
+
+    state = {"archs": ("80-real", "90"), "count": 1, "capability": (9, 0)}
+
+    def device_count():
+        if isinstance(state["count"], Exception):
+            raise state["count"]
+        return state["count"]
+
+    monkeypatch.setattr(_ext, "load_error", lambda: None)
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(_ext, "module", lambda: type("C", (), {"cross_entropy_chunk_forward": None})())
+    monkeypatch.setattr(_ext, "cuda_device_count", device_count)
+    monkeypatch.setattr(_ext, "cuda_architectures", lambda: state["archs"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    _ext._cuda_runtime_reason.cache_clear()
+    yield state
+    _ext._cuda_runtime_reason.cache_clear()
+
+
+def test_cuda_kernels_refused_on_a_gpu_no_built_architecture_runs_on(cuda_build):
+    from fastmlm import _ext
+    from fastmlm.ops.gather import GATHER_ROWS
+
+    rows = torch.empty(8, 4, device="meta")
+    index = torch.empty(2, dtype=torch.int64, device="meta")
+    assert _ext.unavailable_reason("cuda") is None
+    assert GATHER_ROWS.choose("cuda", rows, index).name == "cuda"
+    cuda_build["capability"] = (7, 5)
+    reason = _ext.unavailable_reason("cuda")
+    assert "80-real, 90" in reason and "7.5" in reason and "FASTMLM_CUDA_ARCHS=7.5" in reason
+    assert GATHER_ROWS.choose("cuda", rows, index).name == "torch"
+    assert "7.5" in GATHER_ROWS.reasons("cuda", rows, index)["cuda"]
+    cuda_build["capability"] = (8, 6)  # sm_80 machine code runs on every 8.x
+    assert _ext.unavailable_reason("cuda") is None
+    cuda_build["archs"] = ()  # a module that does not record them: the launch will say
+    cuda_build["capability"] = (7, 5)
+    assert _ext.unavailable_reason("cuda") is None
+
+
+@pytest.mark.parametrize("count, message", [
+    (RuntimeError("CUDA error 35 (cudaErrorInsufficientDriver)"), "cudaErrorInsufficientDriver"),
+    (0, "sees no GPU"),
+])
+def test_cuda_kernels_refused_when_their_runtime_cannot_use_the_driver(cuda_build, count, message):
+    from fastmlm import _ext
+    from fastmlm.ops.masking import MASKED_POSITIONS
+
+    cuda_build["count"] = count
+    assert message in _ext.unavailable_reason("cuda")
+    labels = torch.empty(2, 8, dtype=torch.int64, device="meta")
+    assert MASKED_POSITIONS.reasons("cuda", labels, -100, None)["cuda"] == _ext.unavailable_reason("cuda")
+
+
+def test_the_built_module_records_its_cuda_architectures():
+    from fastmlm import _ext
+
+    if _ext.load_error() is not None or not _ext.has_cuda_kernels():
+        pytest.skip(f"fastmlm._C without CUDA kernels: {_ext.unavailable_reason('cuda')}")
+    architectures = _ext.cuda_architectures()
+    assert architectures, "a CUDA build must record CUDA_ARCHITECTURES"
+    assert all(_ext.architecture_runs(entry, (9, 0)) is not None for entry in architectures), architectures
+
+
+def test_cuda_kernels_refused_on_a_machine_without_a_usable_gpu():
+    from fastmlm import _ext
+
+    if _ext.load_error() is not None or not _ext.has_cuda_kernels() or torch.cuda.is_available():
+        pytest.skip("needs fastmlm._C with CUDA kernels on a machine without a GPU")
+    assert _ext.unavailable_reason("cuda") is not None  # the runtime reports no driver or no device

@@ -77,9 +77,9 @@ _MAX_NARROWED_CHUNK = 24576
 _POISON_OUTPUTS = False
 
 
-def available(device_type: str) -> str | None:
-    """None if the compiled kernels can run on `device_type` ('cpu' or 'cuda'), else why not."""
-    reason = _ext.unavailable_reason(device_type)
+def available(device_type: str, device: torch.device | None = None) -> str | None:
+    """None if the compiled kernels can run on `device_type` ('cpu' or 'cuda') tensors on `device`, else why not."""
+    reason = _ext.unavailable_reason(device_type, device)
     if reason is not None:
         return reason
     if not hasattr(_ext.module(), "cross_entropy_chunk_forward"):

@@ -26,9 +26,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def available(device_type: str) -> Optional[str]:
-    """Why these kernels cannot serve tensors of `device_type`, or None."""
-    return _ext.unavailable_reason(device_type)
+def available(device_type: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why these kernels cannot serve tensors of `device_type` (on `device`), or None."""
+    return _ext.unavailable_reason(device_type, device)
 
 
 def _check_rows(name: str, t: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,9 @@ _ID_DTYPES = (torch.int32, torch.int64)
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
 
-def available(device_type: str) -> Optional[str]:
-    """Why these kernels cannot serve tensors of `device_type`, or None."""
-    return _ext.unavailable_reason(device_type)
+def available(device_type: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why these kernels cannot serve tensors of `device_type` (on `device`), or None."""
+    return _ext.unavailable_reason(device_type, device)
 
 
 def _matrix(t: Optional[torch.Tensor]) -> tuple[int, int, int, int]:

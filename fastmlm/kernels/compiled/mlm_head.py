@@ -43,9 +43,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def available(device_type: str) -> Optional[str]:
-    """None if these kernels can run on `device_type` tensors, else why not."""
-    return _ext.unavailable_reason(device_type) or ce.available(device_type)
+def available(device_type: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """None if these kernels can run on `device_type` tensors on `device`, else why not."""
+    return ce.available(device_type, device)
 
 
 def check_head_inputs(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
