@@ -106,11 +106,13 @@ FASTMLM_CE_HD void merge(RowState& state, float chunk_max, float chunk_sum_exp, 
   merge_partial(state.max, state.sum_exp, chunk_max, chunk_sum_exp);
 }
 
+// Defaults so that a pass setting only some fields (the forward chunk pass needs
+// ignore_index alone) never carries indeterminate values.
 struct LossParams {
-  int64_t vocab_size;
-  int64_t ignore_index;
-  float label_smoothing;
-  float z_loss;
+  int64_t vocab_size = 0;
+  int64_t ignore_index = -100;
+  float label_smoothing = 0.0f;
+  float z_loss = 0.0f;
 };
 
 // lse and the row loss of docs/ops.md:
