@@ -174,8 +174,10 @@ def _ce_backward_atomic_kernel(
                     stride_hm, stride_hk, stride_wv, stride_wk,
                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
     dz = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smoothing, z_loss)
+    # The adds are relaxed: no program reads what they sum (later kernels do), and the
+    # default acq_rel semantics put a GPU-wide fence and an L1 invalidate around each.
     if HAS_BIAS:
-        tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+        tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
     # The second GEMMs run at the input precision, like the forward (fp32 accumulation).
     dz_in = dz.to(hidden_ptr.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
@@ -185,12 +187,12 @@ def _ce_backward_atomic_kernel(
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         tl.atomic_add(d_hidden_ptr + rows[:, None] * H + ks[None, :],
                       tl.dot(dz_in, w, input_precision=DOT_PRECISION),
-                      mask=row_mask[:, None] & k_mask[None, :])
+                      mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
         h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         tl.atomic_add(d_weight_ptr + cols[:, None] * H + ks[None, :],
                       tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION),
-                      mask=col_mask[:, None] & k_mask[None, :])
+                      mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -338,9 +340,13 @@ def check_inputs(hidden, weight, bias, targets, lse=None, grad_row_loss=None):
     tensors = [t for t in (hidden, weight, bias, targets, lse, grad_row_loss) if t is not None]
     if any(t.device != hidden.device for t in tensors):
         raise ValueError(f"all tensors must be on one device, got {[str(t.device) for t in tensors]}")
-    if hidden.device.type != "cuda" and not _INTERPRET:
-        raise RuntimeError("Triton cross-entropy needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
+    _check_device(hidden.device)
     return M, V, H
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError("Triton cross-entropy needs CUDA tensors (or TRITON_INTERPRET=1 for CPU)")
 
 
 def _launch_options(cfg):
