@@ -49,9 +49,9 @@ def attention_backward_delta_kernel(
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_t < num_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + head * stride_o_h + offs_t[:, None].to(tl.int64) * stride_o_t
+    o = tl.load(Out + head.to(tl.int64) * stride_o_h + offs_t[:, None].to(tl.int64) * stride_o_t
                 + offs_d[None, :] * stride_o_d, mask=mask, other=0.0)
-    do = tl.load(GradOut + head * stride_do_h + offs_t[:, None].to(tl.int64) * stride_do_t
+    do = tl.load(GradOut + head.to(tl.int64) * stride_do_h + offs_t[:, None].to(tl.int64) * stride_do_t
                  + offs_d[None, :] * stride_do_d, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + head.to(tl.int64) * stride_delta_h + offs_t, delta, mask=offs_t < num_rows)
@@ -162,12 +162,12 @@ def attention_backward_dkdv_kernel(
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_base = K + k_start.to(tl.int64) * stride_k_t + head * stride_k_h
-    v_base = V + k_start.to(tl.int64) * stride_v_t + head * stride_v_h
+    k_base = K + k_start.to(tl.int64) * stride_k_t + head.to(tl.int64) * stride_k_h
+    v_base = V + k_start.to(tl.int64) * stride_v_t + head.to(tl.int64) * stride_v_h
     k = _load_rows(k_base, offs_n, offs_d, k_len, stride_k_t, stride_k_d, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(v_base, offs_n, offs_d, k_len, stride_v_t, stride_v_d, HEAD_DIM, BLOCK_D, True)
-    q_base = Q + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
-    do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head * stride_do_h
+    q_base = Q + q_start.to(tl.int64) * stride_q_t + head.to(tl.int64) * stride_q_h
+    do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head.to(tl.int64) * stride_do_h
     lse_base = Lse + head.to(tl.int64) * stride_lse_h + q_start
     delta_base = Delta + head.to(tl.int64) * stride_delta_h + q_start
     if DROPOUT:
@@ -217,9 +217,9 @@ def attention_backward_dkdv_kernel(
 
     dk = dk * softmax_scale
     store_mask = (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    dk_ptrs = (GradK + k_start.to(tl.int64) * stride_dk_t + head * stride_dk_h
+    dk_ptrs = (GradK + k_start.to(tl.int64) * stride_dk_t + head.to(tl.int64) * stride_dk_h
                + offs_n[:, None] * stride_dk_t + offs_d[None, :] * stride_dk_d)
-    dv_ptrs = (GradV + k_start.to(tl.int64) * stride_dv_t + head * stride_dv_h
+    dv_ptrs = (GradV + k_start.to(tl.int64) * stride_dv_t + head.to(tl.int64) * stride_dv_h
                + offs_n[:, None] * stride_dv_t + offs_d[None, :] * stride_dv_d)
     tl.store(dk_ptrs, dk.to(GradK.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptrs, dv.to(GradV.dtype.element_ty), mask=store_mask)
@@ -284,15 +284,15 @@ def attention_backward_dq_kernel(
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_base = Q + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
-    do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head * stride_do_h
+    q_base = Q + q_start.to(tl.int64) * stride_q_t + head.to(tl.int64) * stride_q_h
+    do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head.to(tl.int64) * stride_do_h
     q = _load_rows(q_base, offs_m, offs_d, q_len, stride_q_t, stride_q_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(do_base, offs_m, offs_d, q_len, stride_do_t, stride_do_d, HEAD_DIM, BLOCK_D, True)
     # Rows past q_len read lse = delta = 0 and dO = 0, so their ds is 0 even in unmasked tiles.
     lse, delta = _load_row_stats(Lse + head.to(tl.int64) * stride_lse_h + q_start,
                                  Delta + head.to(tl.int64) * stride_delta_h + q_start, offs_m, q_len, True)
-    k_base = K + k_start.to(tl.int64) * stride_k_t + head * stride_k_h
-    v_base = V + k_start.to(tl.int64) * stride_v_t + head * stride_v_h
+    k_base = K + k_start.to(tl.int64) * stride_k_t + head.to(tl.int64) * stride_k_h
+    v_base = V + k_start.to(tl.int64) * stride_v_t + head.to(tl.int64) * stride_v_h
     if DROPOUT:
         seed_lo, seed_hi = load_seed_words(Seed)
         prefix = counter_hash_prefix(seed_lo, seed_hi, head + STREAM_DROPOUT)
@@ -324,7 +324,7 @@ def attention_backward_dq_kernel(
             HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
 
     dq = dq * softmax_scale
-    dq_ptrs = (GradQ + q_start.to(tl.int64) * stride_dq_t + head * stride_dq_h
+    dq_ptrs = (GradQ + q_start.to(tl.int64) * stride_dq_t + head.to(tl.int64) * stride_dq_h
                + offs_m[:, None] * stride_dq_t + offs_d[None, :] * stride_dq_d)
     tl.store(dq_ptrs, dq.to(GradQ.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :])

@@ -128,12 +128,13 @@ def attention_forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < q_len
     d_in = offs_d < HEAD_DIM
-    # Row offsets of the sequence start are int64: packed batches can exceed 2**31 elements.
-    q_ptrs = (Q + q_start.to(tl.int64) * stride_q_t + head * stride_q_h
+    # Sequence-start and head offsets are int64: packed batches (and head-major views of
+    # them) can exceed 2**31 elements.
+    q_ptrs = (Q + q_start.to(tl.int64) * stride_q_t + head.to(tl.int64) * stride_q_h
               + offs_m[:, None] * stride_q_t + offs_d[None, :] * stride_q_d)
     q = tl.load(q_ptrs, mask=row_in[:, None] & d_in[None, :], other=0.0)
-    k_base = K + k_start.to(tl.int64) * stride_k_t + head * stride_k_h
-    v_base = V + k_start.to(tl.int64) * stride_v_t + head * stride_v_h
+    k_base = K + k_start.to(tl.int64) * stride_k_t + head.to(tl.int64) * stride_k_h
+    v_base = V + k_start.to(tl.int64) * stride_v_t + head.to(tl.int64) * stride_v_h
 
     # Keys [0, n_full) are seen by every row of this tile (no masks); keys
     # [n_full, n_end) need masks; keys >= n_end are invisible to all rows.
@@ -178,7 +179,7 @@ def attention_forward_kernel(
         out = out * dropout_scale
     lse = tl.where(no_key, float("-inf"), (row_max + tl.log2(row_sum_safe)) * LN2)
 
-    o_ptrs = (Out + q_start.to(tl.int64) * stride_o_t + head * stride_o_h
+    o_ptrs = (Out + q_start.to(tl.int64) * stride_o_t + head.to(tl.int64) * stride_o_h
               + offs_m[:, None] * stride_o_t + offs_d[None, :] * stride_o_d)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None] & d_in[None, :])
     tl.store(Lse + head.to(tl.int64) * stride_lse_h + q_start + offs_m, lse, mask=row_in)
