@@ -1,24 +1,40 @@
-"""Compile (without running) fastmlm's Triton kernels for sm_90.
+"""Compile (without running) fastmlm's Triton kernels for sm_90, at the configs a GPU gets.
 
 Triton's interpreter runs kernels as Python and so accepts code the compiler
 rejects (it let a plain float global reach a kernel, which only compiles as a
-tl.constexpr). This script drives the real compiler down to a cubin for an
-H100/H200 target on a machine without a GPU: a stand-in driver reports the
-target, and compiled kernels are not loaded or launched. Run in a fresh
-process without TRITON_INTERPRET (tests/kernels/test_triton_sm90_compile.py).
-Prints one line per compiled kernel and exits non-zero on a compile error.
+tl.constexpr), and it cannot show what a launch would need. This script drives
+the real compiler down to a cubin for an H100/H200 target on a machine without
+a GPU: a stand-in driver reports the target, the wrappers are told the tensors
+are on a 132-SM CUDA device so they pick their GPU configs, and compiled
+kernels are not loaded or launched. Run in a fresh process without
+TRITON_INTERPRET (tests/kernels/test_triton_sm90_compile.py).
+
+Prints one line per compiled kernel specialisation:
+    compiled <name> <dtypes> shared=<bytes> atomics=<n> ordered_atomics=<n> head_offsets_i32=<n> stack=<bytes or ?>
+shared: the dynamic shared memory a launch asks for; atomics: atomic adds in
+the PTX, ordered_atomics those that are not relaxed (Triton's default acq_rel
+puts a GPU-wide fence and a cache invalidate around each); head_offsets_i32:
+head index x stride products left in int32 (they wrap for head-major views of
+over 2**31 elements); stack: per-thread
+local memory from the bundled cuobjdump, non-zero when registers spill.
+Exits non-zero on a compile error.
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import types
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import compiler  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-compiled = set()
+compiled = {}  # (name, hash) -> CompiledKernel
 
 
 class TargetOnlyDriver:
@@ -40,44 +56,52 @@ class TargetOnlyDriver:
         return torch.device("cpu")
 
 
+def _record(kernel):
+    return lambda *args, **kwargs: compiled.setdefault((kernel.name, kernel.hash), kernel)
+
+
 driver.set_active(TargetOnlyDriver())
 compiler.CompiledKernel._init_handles = lambda self: None
 compiler.CompiledKernel.launch_metadata = lambda self, *args, **kwargs: None
-compiler.CompiledKernel.run = property(lambda self: (lambda *args, **kwargs: compiled.add(self.name)))
+compiler.CompiledKernel.run = property(_record)
 
 import fastmlm.kernels.triton.attention as attention  # noqa: E402
 import fastmlm.kernels.triton.cross_entropy as ce  # noqa: E402
 import fastmlm.kernels.triton.matmul_gather as matmul_gather  # noqa: E402
 import fastmlm.kernels.triton.mlm_head as head  # noqa: E402
 
-# The wrappers accept CPU tensors only for the interpreter; the kernels get the
-# block sizes a GPU would use, given explicitly.
-ce._INTERPRET = True
-attention._check_device = lambda tensor, name: None  # its default GPU configs apply
-matmul_gather._blocks = lambda device, *, big=64: dict(BLOCK_M=big, BLOCK_N=big, BLOCK_K=32, num_warps=4,
-                                                       num_stages=3)
-GPU_CONFIG = dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=64, VOCAB_SPLITS=4, num_warps=8, num_stages=3)
-N, M, V, H = 256, 40, 1000, 64
+# CPU tensors stand in for CUDA ones: the device gates pass, and every choice
+# the wrappers make from the device is made for an H100/H200 (132 SMs).
+H200 = types.SimpleNamespace(type="cuda", index=0)
+ce._check_device = lambda device: None
+ce._sm_count = lambda device: 132
+_resolve_config = ce.resolve_config
+ce.resolve_config = lambda M, V, H, dtype, device, config=None: _resolve_config(M, V, H, dtype, H200, config)
+_blocks = matmul_gather._blocks
+matmul_gather._blocks = lambda device, **kwargs: _blocks(H200, **kwargs)
+attention._check_device = lambda tensor, name: None  # its GPU configs apply outside the interpreter
 
+# M = 40 rows: not a multiple of 16, the specialisation most calls get.
+N, M, V, H = 256, 40, 1000, 64
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     hidden = torch.randn(M, H).to(dtype)
     weight, bias = torch.randn(V, H).to(dtype), torch.randn(V).to(dtype)
     targets = torch.randint(0, V, (M,))
     _, lse = ce.cross_entropy_forward(hidden, weight, bias, targets, ignore_index=-100, label_smoothing=0.1,
-                                      z_loss=1e-4, config=GPU_CONFIG)
+                                      z_loss=1e-4)
     for deterministic in (False, True):
         ce.cross_entropy_backward(torch.ones(M), hidden, weight, bias, targets, lse, ignore_index=-100,
-                                  label_smoothing=0.1, z_loss=1e-4, deterministic=deterministic, config=GPU_CONFIG)
+                                  label_smoothing=0.1, z_loss=1e-4, deterministic=deterministic)
     hidden_all, index = torch.randn(N, H).to(dtype), torch.randperm(N)[:M]
     dense_w, dense_b = torch.randn(H, H).to(dtype), torch.randn(H).to(dtype)
     norm_w, norm_b = torch.ones(H).to(dtype), torch.zeros(H).to(dtype)
     row_loss, lse, pre, act, normed, mean, rstd = head.mlm_head_forward(
         hidden_all, index, dense_w, dense_b, norm_w, norm_b, weight, bias, targets, layer_norm_eps=1e-12,
-        ignore_index=-100, label_smoothing=0.0, z_loss=0.0, config=GPU_CONFIG)
+        ignore_index=-100, label_smoothing=0.0, z_loss=0.0)
     for deterministic in (False, True):
         head.mlm_head_backward(torch.ones(M), hidden_all, index, dense_w, norm_w, weight, bias, targets, pre, act,
                                normed, mean, rstd, lse, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
-                               deterministic=deterministic, config=GPU_CONFIG)
+                               deterministic=deterministic)
 
 # Attention: the specialisations a BERT run meets (head dims 32/64/128, causal, dropout).
 for dtype, dim, causal, dropout_p in [(torch.bfloat16, 64, c, p) for c in (False, True) for p in (0.0, 0.1)] + [
@@ -91,6 +115,26 @@ for dtype, dim, causal, dropout_p in [(torch.bfloat16, 64, c, p) for c in (False
     attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu, 100, 100, causal=causal,
                                  softmax_scale=dim ** -0.5, dropout_p=dropout_p, seed=seed)
 
-for name in sorted(compiled):
-    print("compiled", name)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def stack_bytes(kernel) -> str:
+    """Per-thread stack (spilled registers live there) of the cubin, or '?' without cuobjdump."""
+    if not os.access(CUOBJDUMP, os.X_OK):
+        return "?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    found = re.search(r"STACK:(\d+)", usage.stdout)
+    return found.group(1) if found else "?"
+
+
+for (name, _), kernel in sorted(compiled.items(), key=lambda item: item[0]):
+    dtypes = ",".join(sorted({t for t in kernel.src.signature.values() if t.startswith("*")})) or "-"
+    atomics = re.findall(r"\b(?:atom|red)\.[\w.]+", kernel.asm["ptx"])
+    ordered = [op for op in atomics if ".relaxed." not in op]
+    head_offsets_i32 = re.findall(r"arith\.muli %head\w*, %stride\w* : i32", kernel.asm["ttir"])
+    print(f"compiled {name} {dtypes} shared={kernel.metadata.shared} atomics={len(atomics)} "
+          f"ordered_atomics={len(ordered)} head_offsets_i32={len(head_offsets_i32)} stack={stack_bytes(kernel)}")
 sys.exit(0 if compiled else 1)
