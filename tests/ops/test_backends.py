@@ -33,8 +33,6 @@ def _skip_reason(case, backend, device, dtype):
     if backend == "triton" and device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "triton on CPU tensors needs TRITON_INTERPRET=1"
-        if dtype == torch.bfloat16:
-            return "tl.dot on bf16 is wrong in Triton's interpreter (upstream bug): bf16 runs on a GPU only"
     if case.skip is not None:
         return case.skip(backend, device, dtype)
     return None

@@ -1,10 +1,15 @@
-"""Work-around for Triton 3.6's interpreter (TRITON_INTERPRET=1) under NumPy >= 2.3.
+"""Work-arounds for two faults of Triton 3.6's interpreter (TRITON_INTERPRET=1).
 
-The interpreter keeps every scalar as a one-element array and turns it into a Python
-int with `int(array)`, which NumPy 2.3+ rejects for arrays of ndim > 0. The effect:
-any `range(...)` whose bound is a kernel argument or depends on `tl.program_id`
-fails with "only 0-dimensional arrays can be converted to Python scalars". We wrap
-the interpreter's tensor patching so `__index__` reads the single element instead.
+1. Under NumPy >= 2.3, the interpreter keeps every scalar as a one-element array
+   and turns it into a Python int with `int(array)`, which NumPy 2.3+ rejects for
+   arrays of ndim > 0: any `range(...)` whose bound is a kernel argument or
+   depends on `tl.program_id` fails with "only 0-dimensional arrays can be
+   converted to Python scalars". `__index__` is made to read the single element.
+2. bf16 values are held as their raw 16-bit patterns, and `tl.dot` multiplies
+   those integers, so every bf16 dot is garbage. The operands are widened to the
+   fp32 values they stand for (exact: a bf16 is the top half of an fp32) before
+   the product, which the GPU also accumulates in fp32.
+
 No effect on compiled (GPU) kernels; nothing is done unless the interpreter is on.
 """
 import os
@@ -15,13 +20,31 @@ def install():
         return
     from triton.runtime import interpreter
 
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "_fastmlm_compat", False):
+    if getattr(interpreter._patch_lang_tensor, "_fastmlm_compat", False):
         return
+    original_patch = interpreter._patch_lang_tensor
 
     def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
+        original_patch(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     patch_lang_tensor._fastmlm_compat = True
     interpreter._patch_lang_tensor = patch_lang_tensor
+
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, _bf16_as_fp32(a), _bf16_as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+def _bf16_as_fp32(handle):
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if handle.dtype.scalar != tl.bfloat16:
+        return handle
+    bits = handle.data.view(np.uint16).astype(np.uint32) << 16
+    return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
