@@ -23,7 +23,8 @@ ATTENTION = BackendTable("attention")
 MAX_HEAD_DIM = 128
 
 
-# The kernels put one sequence per grid row (CUDA's y dimension), which holds at most 65535.
+# The kernels put one sequence per grid row (CUDA's y dimension), which holds at most 65535;
+# fastmlm.kernels.triton.attention.MAX_SEQUENCES, not imported here: that module needs triton.
 MAX_TRITON_SEQUENCES = 65535
 
 

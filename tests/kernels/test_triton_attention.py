@@ -19,8 +19,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastmlm.kernels.triton import attention as triton_attention  # noqa: E402
-from fastmlm.kernels.triton.attention import attention_backward, attention_forward  # noqa: E402
+from fastmlm.kernels.triton.attention import MAX_SEQUENCES, attention_backward, attention_forward  # noqa: E402
 from fastmlm.kernels.triton.random import counter_hash as triton_counter_hash, load_seed_words  # noqa: E402
+from fastmlm.ops.attention import MAX_TRITON_SEQUENCES  # noqa: E402
 from fastmlm.reference.random import STREAM_DROPOUT, counter_hash, seed_to_int64, split_seed, threshold24  # noqa: E402
 from tests.tolerances import RELATIVE_TOLERANCE, relative_error  # noqa: E402
 
@@ -350,6 +351,11 @@ def test_bad_inputs_raise():
         attention_forward(q, k, v, cu, cu, 4, 4, config={"BLOCK_K": 16}, **kwargs)
     with pytest.raises(ValueError, match="power of two"):
         attention_forward(q, k, v, cu, cu, 4, 4, config={"BLOCK_M": 24}, **kwargs)
+    many = torch.arange(MAX_SEQUENCES + 2, dtype=torch.int32, device=DEVICE)  # one token each
+    one_per_sequence = torch.randn(MAX_SEQUENCES + 1, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="grid holds at most 65535"):
+        attention_forward(one_per_sequence, one_per_sequence, one_per_sequence, many, many, 1, 1, **kwargs)
+    assert MAX_SEQUENCES == MAX_TRITON_SEQUENCES  # the dispatcher declines before this check
     out, lse = attention_forward(q, k, v, cu, cu, 4, 4, **kwargs)
     with pytest.raises(ValueError, match="lse"):
         attention_backward(out, q, k, v, out, lse[:1], cu, cu, 4, 4, **kwargs)

@@ -31,6 +31,8 @@ from fastmlm.reference.random import seed_tensor, threshold24
 
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# One sequence per grid row: CUDA's grid y dimension holds at most 65535.
+MAX_SEQUENCES = 65535
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 KERNELS = ("fwd", "dkdv", "dq")
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
@@ -130,6 +132,9 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if cu_seqlens_q.numel() - 1 > MAX_SEQUENCES:
+        raise ValueError(f"{cu_seqlens_q.numel() - 1} sequences: the kernels' grid holds at most {MAX_SEQUENCES} "
+                         "(split the batch, or use another attention backend)")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
