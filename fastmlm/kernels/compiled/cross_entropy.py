@@ -37,7 +37,10 @@ Precision. The kernels always accumulate in fp32. Where the logits come from:
   carries an absolute error of ~0.03, a 3% error in its softmax weight. dz is
   then written back narrowed to the input dtype in the same bytes (the kernel
   stages the row so this is safe) to feed tensor-core gradient matmuls; that
-  rounds dz once to the input precision (relative 2^-9 / 2^-12 per element).
+  rounds dz once to the input precision (relative 2^-9 / 2^-12 per element),
+  and in fp16 flushes entries below 6e-8 to zero: without a loss scaler the
+  small softmax terms of a mean over many rows vanish, as in PyTorch's fp16
+  cross-entropy (docs/ops.md; the Triton backend scales tiles into range).
   d_hidden accumulates over chunks in fp32. If this torch has no fp32-output
   matmul for the dtype, the logits buffer is the input dtype instead (a
   coarser but still fp32-accumulated path).

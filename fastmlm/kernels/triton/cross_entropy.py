@@ -18,6 +18,11 @@ Backward (logit tiles recomputed from `lse`):
     one fp32 partial per split (summed afterwards in a fixed order), and a d_weight
     kernel gridded over vocab blocks that loops over every row block. Each program
     owns the rows it read-modify-writes, so no atomics; the logits are recomputed twice.
+The gradient GEMMs take dz in the input dtype (fp32 accumulation). For fp16, whose
+smallest subnormal is 6e-8, dz = g * softmax is often smaller (g = 1/4096 for a mean
+over 4096 rows, softmax ~ 1/V): each tile of dz is first scaled by a power of two that
+puts its largest entry in [2**14, 2**15), and the product is scaled back in fp32, both
+exact. Without it every non-target row of d_weight came out 0 in such a step.
 """
 import os
 
@@ -146,6 +151,17 @@ def _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smooth
 
 
 @triton.jit
+def _fp16_tile_scale(dz):
+    """(2**e, 2**-e) with max|dz| * 2**e in [2**14, 2**15): dz * 2**e fits fp16 with its
+    small entries out of the subnormal range. e comes from the exponent bits (exact, no
+    exp2 approximation) and is clamped so both factors are normal fp32 numbers."""
+    largest = tl.max(tl.abs(dz))
+    exponent = ((largest.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2(largest))
+    e = tl.minimum(tl.maximum(14 - exponent, -126), 126)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _load_row_state(targets_ptr, lse_ptr, grad_ptr, rows, row_mask, stride_t, stride_g, ignore_index):
     target = tl.load(targets_ptr + rows * stride_t, mask=row_mask, other=ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
@@ -178,20 +194,25 @@ def _ce_backward_atomic_kernel(
     # default acq_rel semantics put a GPU-wide fence and an L1 invalidate around each.
     if HAS_BIAS:
         tl.atomic_add(d_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_mask, sem="relaxed")
-    # The second GEMMs run at the input precision, like the forward (fp32 accumulation).
-    dz_in = dz.to(hidden_ptr.dtype.element_ty)
+    # The second GEMMs run at the input precision, like the forward (fp32 accumulation);
+    # fp16 tiles are scaled into range first (module docstring).
+    if hidden_ptr.dtype.element_ty == tl.float16:
+        scale, unscale = _fp16_tile_scale(dz)
+    else:
+        scale, unscale = 1.0, 1.0
+    dz_in = (dz * scale).to(hidden_ptr.dtype.element_ty)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < H
         w = tl.load(weight_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         tl.atomic_add(d_hidden_ptr + rows[:, None] * H + ks[None, :],
-                      tl.dot(dz_in, w, input_precision=DOT_PRECISION),
+                      tl.dot(dz_in, w, input_precision=DOT_PRECISION) * unscale,
                       mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
         h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :] * stride_hk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         tl.atomic_add(d_weight_ptr + cols[:, None] * H + ks[None, :],
-                      tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION),
+                      tl.dot(tl.trans(dz_in), h, input_precision=DOT_PRECISION) * unscale,
                       mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
 
 
@@ -218,8 +239,12 @@ def _ce_backward_dhidden_kernel(
             z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_mask, col_mask, H,
                             stride_hm, stride_hk, stride_wv, stride_wk,
                             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-            dz_in = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V,
-                                 label_smoothing, z_loss).to(hidden_ptr.dtype.element_ty)
+            dz = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smoothing, z_loss)
+            if hidden_ptr.dtype.element_ty == tl.float16:  # into fp16's range (module docstring)
+                scale, unscale = _fp16_tile_scale(dz)
+                dz_in = (dz * scale).to(tl.float16)
+            else:
+                dz_in = dz.to(hidden_ptr.dtype.element_ty)
             # The previous block's stores may have come from other threads than this
             # block's loads of the same addresses (layouts differ): make them visible.
             tl.debug_barrier()
@@ -231,7 +256,11 @@ def _ce_backward_dhidden_kernel(
                 at = out_ptr + rows[:, None] * H + ks[None, :]
                 tile_mask = row_mask[:, None] & k_mask[None, :]
                 acc = tl.load(at, mask=tile_mask, other=0.0)
-                tl.store(at, tl.dot(dz_in, w, acc, input_precision=DOT_PRECISION), mask=tile_mask)
+                if hidden_ptr.dtype.element_ty == tl.float16:
+                    acc += tl.dot(dz_in, w, input_precision=DOT_PRECISION) * unscale
+                else:
+                    acc = tl.dot(dz_in, w, acc, input_precision=DOT_PRECISION)
+                tl.store(at, acc, mask=tile_mask)
 
 
 @triton.jit
@@ -257,7 +286,11 @@ def _ce_backward_dweight_kernel(
                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         dz = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smoothing, z_loss)
         bias_acc += tl.sum(dz, axis=0)
-        dz_t = tl.trans(dz.to(hidden_ptr.dtype.element_ty))
+        if hidden_ptr.dtype.element_ty == tl.float16:  # into fp16's range (module docstring)
+            scale, unscale = _fp16_tile_scale(dz)
+            dz_t = tl.trans((dz * scale).to(tl.float16))
+        else:
+            dz_t = tl.trans(dz.to(hidden_ptr.dtype.element_ty))
         tl.debug_barrier()  # see _ce_backward_dhidden_kernel
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -267,7 +300,11 @@ def _ce_backward_dweight_kernel(
             at = d_weight_ptr + cols[:, None] * H + ks[None, :]
             tile_mask = col_mask[:, None] & k_mask[None, :]
             acc = tl.load(at, mask=tile_mask, other=0.0)
-            tl.store(at, tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION), mask=tile_mask)
+            if hidden_ptr.dtype.element_ty == tl.float16:
+                acc += tl.dot(dz_t, h, input_precision=DOT_PRECISION) * unscale
+            else:
+                acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+            tl.store(at, acc, mask=tile_mask)
     if HAS_BIAS:
         tl.store(d_bias_ptr + cols, bias_acc, mask=col_mask)
 
