@@ -189,7 +189,11 @@ def _architecture_reason(device: Optional[torch.device]) -> Optional[str]:
         return None  # a build that does not record them: let the launch say
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
-    capability = torch.cuda.get_device_capability(device)
+    return _capability_reason(architectures, tuple(torch.cuda.get_device_capability(device)))
+
+
+@functools.cache  # asked on every op call that could take the cuda backend
+def _capability_reason(architectures: tuple[str, ...], capability: tuple[int, int]) -> Optional[str]:
     if any(architecture_runs(entry, capability) is not False for entry in architectures):
         return None
     version = ".".join(map(str, capability))
