@@ -114,9 +114,9 @@ def launch_args(tensor: torch.Tensor) -> dict:
     return {"device": device_index(tensor), "stream": stream_handle(tensor)}
 
 
-def require(device_type: str) -> ModuleType:
-    """`fastmlm._C` if it can run kernels for this device type, else RuntimeError saying why."""
-    reason = unavailable_reason(device_type)
+def require(device: torch.device) -> ModuleType:
+    """`fastmlm._C` if it can run kernels on tensors of this device, else RuntimeError saying why."""
+    reason = unavailable_reason(device.type, device if device.type == "cuda" else None)
     if reason is not None:
         raise RuntimeError(reason)
     return module()

@@ -143,7 +143,12 @@ def cuda_build(monkeypatch):
     monkeypatch.setattr(_ext, "cuda_device_count", device_count)
     monkeypatch.setattr(_ext, "cuda_architectures", lambda: state["archs"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    def capability(device=None):  # a dict gives each device index its own
+        if isinstance(state["capability"], dict):
+            return state["capability"][0 if device is None else torch.device(device).index]
+        return state["capability"]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     _ext._cuda_runtime_reason.cache_clear()
     yield state
     _ext._cuda_runtime_reason.cache_clear()
@@ -167,6 +172,23 @@ def test_cuda_kernels_refused_on_a_gpu_no_built_architecture_runs_on(cuda_build)
     cuda_build["archs"] = ()  # a module that does not record them: the launch will say
     cuda_build["capability"] = (7, 5)
     assert _ext.unavailable_reason("cuda") is None
+
+
+def test_the_gpu_judged_is_the_one_the_tensors_are_on(cuda_build):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmlm import _ext
+    from fastmlm.ops.gather import GATHER_ROWS
+
+    cuda_build["capability"] = {0: (7, 5), 1: (9, 0)}  # a T4 (current) next to an H100
+    with FakeTensorMode():  # CUDA tensors without a GPU; only their device is read
+        on_t4 = (torch.empty(8, 4, device="cuda:0"), torch.empty(2, dtype=torch.int64, device="cuda:0"))
+        on_h100 = (torch.empty(8, 4, device="cuda:1"), torch.empty(2, dtype=torch.int64, device="cuda:1"))
+    assert GATHER_ROWS.choose("cuda", *on_h100).name == "cuda"
+    assert GATHER_ROWS.choose("cuda", *on_t4).name == "torch"
+    _ext.require(on_h100[0].device)  # the adapters' own check agrees with the dispatcher's
+    with pytest.raises(RuntimeError, match="7.5"):
+        _ext.require(on_t4[0].device)
 
 
 @pytest.mark.parametrize("count, message", [

@@ -63,7 +63,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """`x[index]`: x `[N, D]` float (any row stride), index int32/int64 `[M]` -> contiguous `[M, D]`."""
     x = _check_rows("x", x)
     index = _check_index(index, x.device)
-    C = _ext.require(x.device.type)
+    C = _ext.require(x.device)
     out = torch.empty((index.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
@@ -92,7 +92,7 @@ def scatter_add_rows(grad_out: torch.Tensor, index: torch.Tensor, num_rows: int,
     index = _check_index(index, grad_out.device, grad_out.shape[0])
     if num_rows < 0:
         raise ValueError(f"num_rows must be >= 0, got {num_rows}")
-    C = _ext.require(grad_out.device.type)
+    C = _ext.require(grad_out.device)
     num_index, width = grad_out.shape
     grad_x = torch.empty((num_rows, width), dtype=grad_out.dtype, device=grad_out.device)
     if grad_x.numel() == 0:

@@ -75,7 +75,7 @@ def mask_tokens(
         raise TypeError(f"input_ids must be int32 or int64, got {input_ids.dtype}")
     if not 0 < vocab_size < 2**31:
         raise ValueError(f"vocab_size must be in [1, 2**31), got {vocab_size}")
-    C = _ext.require(input_ids.device.type)
+    C = _ext.require(input_ids.device)
     special = _mask_operand(special_tokens_mask, input_ids, "special_tokens_mask")
     attention = _mask_operand(attention_mask, input_ids, "attention_mask")
     batch, length = input_ids.shape
@@ -120,7 +120,7 @@ def masked_positions(
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if capacity is not None and capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
-    C = _ext.require(labels.device.type)
+    C = _ext.require(labels.device)
     flat = labels.reshape(-1)
     if flat.dtype not in _ID_DTYPES:
         flat = flat.to(torch.int64)
