@@ -27,6 +27,7 @@ from fastmlm.kernels.triton.attention_bwd import (
     attention_backward_dq_kernel,
 )
 from fastmlm.kernels.triton.attention_fwd import attention_forward_kernel
+from fastmlm.kernels.triton.launch_device import on_input_device
 from fastmlm.reference.random import seed_tensor, threshold24
 
 LOG2E = 1.4426950408889634
@@ -169,6 +170,7 @@ def _dot_precision(dtype: torch.dtype):
     return "ieee" if dtype == torch.float32 else None
 
 
+@on_input_device
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                       causal: bool, softmax_scale: float, dropout_p: float, seed: int | torch.Tensor,
                       config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +204,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
     return out, lse
 
 
+@on_input_device
 def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                        max_seqlen_k: int, *, causal: bool, softmax_scale: float, dropout_p: float,
                        seed: int | torch.Tensor, config: dict | None = None):

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmlm.kernels.triton.launch_device import on_input_device
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # A fixed small config in the interpreter: every program instance costs milliseconds there.
 _INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=16, VOCAB_SPLITS=1, num_warps=4, num_stages=1)
@@ -240,7 +242,9 @@ def _ce_backward_dhidden_kernel(
                             stride_hm, stride_hk, stride_wv, stride_wk,
                             HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
             dz = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smoothing, z_loss)
-            if hidden_ptr.dtype.element_ty == tl.float16:  # into fp16's range (module docstring)
+            # fp16: scaled into range (module docstring), its product added after unscaling;
+            # other dtypes keep the dot's fused accumulator (no extra pass over the tile).
+            if hidden_ptr.dtype.element_ty == tl.float16:
                 scale, unscale = _fp16_tile_scale(dz)
                 dz_in = (dz * scale).to(tl.float16)
             else:
@@ -286,7 +290,7 @@ def _ce_backward_dweight_kernel(
                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         dz = _dlogit_tile(z, cols, col_mask, row_live, target, lse, grad, V, label_smoothing, z_loss)
         bias_acc += tl.sum(dz, axis=0)
-        if hidden_ptr.dtype.element_ty == tl.float16:  # into fp16's range (module docstring)
+        if hidden_ptr.dtype.element_ty == tl.float16:  # as in _ce_backward_dhidden_kernel
             scale, unscale = _fp16_tile_scale(dz)
             dz_t = tl.trans((dz * scale).to(tl.float16))
         else:
@@ -392,6 +396,7 @@ def _launch_options(cfg):
                 num_stages=cfg["num_stages"])
 
 
+@on_input_device
 def cross_entropy_forward(hidden, weight, bias, targets, *, ignore_index, label_smoothing, z_loss,
                           config=None):
     """Returns (row_loss fp32 [M], lse fp32 [M]) of docs/ops.md `mlm_cross_entropy`."""
@@ -419,6 +424,7 @@ def cross_entropy_forward(hidden, weight, bias, targets, *, ignore_index, label_
     return row_loss, lse
 
 
+@on_input_device
 def cross_entropy_backward(grad_row_loss, hidden, weight, bias, targets, lse, *, ignore_index,
                            label_smoothing, z_loss, deterministic=False, config=None):
     """Returns (d_hidden, d_weight, d_bias or None) in the input dtype; see module docstring."""

@@ -14,6 +14,7 @@ import torch
 
 from fastmlm.kernels.triton.cross_entropy import (check_inputs, cross_entropy_backward,
                                                   cross_entropy_forward)
+from fastmlm.kernels.triton.launch_device import on_input_device
 from fastmlm.kernels.triton.layer_norm import gelu_layer_norm_backward, layer_norm_forward
 from fastmlm.kernels.triton.matmul_gather import (gather_linear_gelu, gather_linear_weight_grad,
                                                   linear_input_grad_scatter)
@@ -50,6 +51,7 @@ def check_head_inputs(hidden_all, index, dense_weight, dense_bias, norm_weight, 
     return N, M, H, decoder_weight.shape[0]
 
 
+@on_input_device
 def mlm_head_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias,
                      decoder_weight, decoder_bias, targets, *, layer_norm_eps, ignore_index,
                      label_smoothing, z_loss, config=None):
@@ -64,6 +66,7 @@ def mlm_head_forward(hidden_all, index, dense_weight, dense_bias, norm_weight, n
     return row_loss, lse, pre, act, normed, mean, rstd
 
 
+@on_input_device
 def mlm_head_backward(grad_row_loss, hidden_all, index, dense_weight, norm_weight,
                       decoder_weight, decoder_bias, targets, pre, act, normed, mean, rstd, lse, *,
                       ignore_index, label_smoothing, z_loss, deterministic=False, config=None):
