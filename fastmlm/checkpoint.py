@@ -226,12 +226,17 @@ def write_safetensors(state: dict, path: str | os.PathLike, metadata: dict) -> N
     """save_file, then fsync, with the permissions any new file gets (umask applied).
 
     safetensors creates its file 0600, which would make checkpoints unreadable to the
-    group that can read the directory and config.json; the mode a plain create gets is
-    taken from a placeholder at `path` (thread-safe, unlike reading the umask).
+    group that can read the directory and config.json. The mode a plain create gets is
+    read from a fresh probe file beside `path` (thread-safe, unlike reading the umask;
+    and `path` itself is never opened, whatever is there already).
     """
     path = os.fspath(path)
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o666))
-    mode = os.stat(path).st_mode & 0o777
+    probe = f"{path}.{uuid.uuid4().hex}.mode"
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = os.stat(probe).st_mode & 0o777
+    finally:
+        os.unlink(probe)
     save_file(state, path, metadata=metadata)
     os.chmod(path, mode)
     with open(path, "rb") as f:  # on disk before the rename makes it the checkpoint

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint import write_safetensors
+from fastmlm.checkpoint import write_safetensors
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"

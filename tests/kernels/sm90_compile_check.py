@@ -72,13 +72,13 @@ import fastmlm.kernels.triton.mlm_head as head  # noqa: E402
 
 # CPU tensors stand in for CUDA ones: the device gates pass, and every choice
 # the wrappers make from the device is made for an H100/H200 (132 SMs).
-H200 = types.SimpleNamespace(type="cuda", index=0)
+SM90_GPU = types.SimpleNamespace(type="cuda", index=0)
 ce._check_device = lambda device: None
 ce._sm_count = lambda device: 132
 _resolve_config = ce.resolve_config
-ce.resolve_config = lambda M, V, H, dtype, device, config=None: _resolve_config(M, V, H, dtype, H200, config)
+ce.resolve_config = lambda M, V, H, dtype, device, config=None: _resolve_config(M, V, H, dtype, SM90_GPU, config)
 _blocks = matmul_gather._blocks
-matmul_gather._blocks = lambda device, **kwargs: _blocks(H200, **kwargs)
+matmul_gather._blocks = lambda device, **kwargs: _blocks(SM90_GPU, **kwargs)
 attention._check_device = lambda tensor, name: None  # its GPU configs apply outside the interpreter
 
 # M = 40 rows: not a multiple of 16, the specialisation most calls get.

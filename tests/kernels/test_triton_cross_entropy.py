@@ -105,8 +105,8 @@ def test_fp16_gradients_of_a_mean_over_many_rows(deterministic):
     # g = 1/4096 (a mean over 4096 masked rows) times softmax ~ 1/V is below fp16's
     # smallest subnormal: narrowed as is, the softmax part of dz vanished, leaving
     # d_hidden = -g * w[target] and zero rows of d_weight. Each dz tile is scaled into
-    # fp16's range first (measured here: d_hidden 3.7e-3 -> 7e-4, d_weight's
-    # non-target rows 0.10 -> 0.017 relative error).
+    # fp16's range first. Measured here: d_hidden relative error 3.7e-3 unscaled, 7.3e-4
+    # scaled against a floor of 7.2e-4; d_weight's non-target rows at the floor, 0.019.
     M, V, H = (32, 2048, 32) if not CUDA else (512, 30522, 256)
     gen = torch.Generator().manual_seed(11)
     hidden = torch.randn(M, H, generator=gen).half().to(DEVICE)
@@ -124,8 +124,12 @@ def test_fp16_gradients_of_a_mean_over_many_rows(deterministic):
     non_target = torch.ones(V, dtype=torch.bool, device=DEVICE)
     non_target[targets] = False
     relative = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
-    assert relative(d_hidden, dz @ weight.double()) < 1.5e-3
-    assert relative(d_weight[non_target], (dz.T @ hidden.double())[non_target]) < 3e-2
+    # The gradients are returned in fp16, small enough to be subnormal there: the error of
+    # rounding the exact values to fp16 is the floor any kernel has.
+    for name, got, exact in (("d_hidden", d_hidden, dz @ weight.double()),
+                             ("d_weight", d_weight[non_target], (dz.T @ hidden.double())[non_target])):
+        floor = relative(exact.half(), exact)
+        assert relative(got, exact) < 1.5 * floor + 1e-4, (name, relative(got, exact), floor)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

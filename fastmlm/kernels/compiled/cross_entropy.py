@@ -38,7 +38,7 @@ Precision. The kernels always accumulate in fp32. Where the logits come from:
   then written back narrowed to the input dtype in the same bytes (the kernel
   stages the row so this is safe) to feed tensor-core gradient matmuls; that
   rounds dz once to the input precision (relative 2^-9 / 2^-12 per element),
-  and in fp16 flushes entries below 6e-8 to zero: without a loss scaler the
+  and in fp16 rounds entries below ~3e-8 to zero: without a loss scaler the
   small softmax terms of a mean over many rows vanish, as in PyTorch's fp16
   cross-entropy (docs/ops.md; the Triton backend scales tiles into range).
   d_hidden accumulates over chunks in fp32. If this torch has no fp32-output
