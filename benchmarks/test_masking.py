@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastmlm import _ext
 from fastmlm.kernels.compiled import masking
 from fastmlm.reference import masking as reference
 

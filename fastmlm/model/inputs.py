@@ -7,8 +7,6 @@ CUDA graph capture and inside `fastmlm.ops.checks.no_value_checks()`.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from fastmlm.config import EncoderConfig

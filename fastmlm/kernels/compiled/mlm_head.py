@@ -35,7 +35,6 @@ from typing import Optional
 
 import torch
 
-from fastmlm import _ext
 from fastmlm.kernels.compiled import cross_entropy as ce
 from fastmlm.kernels.compiled.gather import scatter_add_rows
 
