@@ -21,6 +21,11 @@ int cuda_device_count() {
   require_cuda("cuda_device_count");
   return 0;
 }
+
+KernelImage cuda_kernel_image(int) {
+  require_cuda("cuda_kernel_image");
+  return {0, 0};
+}
 #endif
 }  // namespace fastmlm
 
@@ -35,6 +40,15 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("cuda_device_count", &fastmlm::cuda_device_count,
         "Number of CUDA devices; raises RuntimeError with the CUDA error code and string on failure.");
+  m.def(
+      "cuda_kernel_image",
+      [](int device) {
+        const fastmlm::KernelImage image = fastmlm::cuda_kernel_image(device);
+        return py::make_tuple(image.binary_version, image.ptx_version);
+      },
+      py::arg("device"),
+      "Loads the CUDA kernels for a device without launching: (binary_version, ptx_version) as major * 10 + "
+      "minor; raises RuntimeError with the CUDA error when they cannot run there.");
   m.def(
       "hash_u32",
       [](uint64_t seed, uint32_t stream, uint32_t a, uint32_t b) {

@@ -127,8 +127,11 @@ def unavailable_reason(device_type: str, device: Optional[torch.device] = None) 
 
     For CUDA, `device` is the GPU the call's tensors are on (None: the current
     one): a module built for other architectures, or a driver older than the
-    CUDA runtime it links, fails every launch, so such a GPU is refused here and
-    the op falls back to another backend.
+    CUDA runtime it links or the PTX it carries, fails every launch, so such a
+    GPU is refused here and the op falls back to another backend. Checked in
+    order of cost: the runtime (once), the recorded architectures against the
+    GPU's capability (says which build would run), then loading the code on
+    that GPU (once per GPU).
     """
     error = load_error()
     if error is not None:
@@ -139,8 +142,14 @@ def unavailable_reason(device_type: str, device: Optional[torch.device] = None) 
         if not has_cuda_kernels():
             return ("fastmlm._C was built without CUDA kernels (nvcc not found at build time, or FASTMLM_CUDA=0); "
                     "rebuild with nvcc on PATH")
-        return _cuda_runtime_reason() or _architecture_reason(device)
+        return _cuda_runtime_reason() or _architecture_reason(device) or _kernel_image_reason(_index(device))
     return f"fastmlm._C has no kernels for {device_type} tensors"
+
+
+def _index(device: Optional[torch.device]) -> int:
+    if device is None or device.index is None:
+        return torch.cuda.current_device()
+    return device.index
 
 
 @functools.cache
@@ -186,10 +195,36 @@ def architecture_runs(entry: str, capability: tuple[int, int]) -> Optional[bool]
 def _architecture_reason(device: Optional[torch.device]) -> Optional[str]:
     architectures = cuda_architectures()
     if not architectures:
-        return None  # a build that does not record them: let the launch say
+        return None  # a build that does not record them: loading its code tells
     if not torch.cuda.is_available():
         return "torch sees no CUDA device"
     return _capability_reason(architectures, tuple(torch.cuda.get_device_capability(device)))
+
+
+def kernel_image(device_index: int) -> tuple[int, int]:
+    """(binary_version, ptx_version) of `fastmlm._C`'s CUDA code as loaded for one GPU, e.g. (90, 90).
+
+    Loads the code without launching anything; RuntimeError with the CUDA
+    error when it cannot run on that GPU.
+    """
+    return tuple(module().cuda_kernel_image(device_index))
+
+
+@functools.cache  # one load per GPU and process
+def _kernel_image_reason(device_index: int) -> Optional[str]:
+    """Whether the module's CUDA code loads on this GPU.
+
+    The architecture rule above cannot see everything a launch depends on: a
+    driver older than the compiler that made the PTX fails to JIT it
+    (cudaErrorUnsupportedPtxVersion), and an entry the rule cannot judge
+    ("native") may not cover this GPU. Loading the code once answers for all
+    of them.
+    """
+    try:
+        kernel_image(device_index)
+    except RuntimeError as exc:
+        return f"fastmlm._C's CUDA kernels cannot load on cuda:{device_index} ({exc})"
+    return None
 
 
 @functools.cache  # asked on every op call that could take the cuda backend

@@ -51,6 +51,14 @@ def _sample_calls():
     return calls
 
 
+def _kernel_image_line(_ext) -> str:
+    try:
+        binary, ptx = _ext.kernel_image(torch.cuda.current_device())
+    except RuntimeError as exc:
+        return f"do not load ({exc})"
+    return f"load as sm_{binary} machine code (from compute_{ptx})"
+
+
 def report() -> str:
     from fastmlm import _ext
     from fastmlm.ops.dispatch import BackendUnavailable
@@ -67,6 +75,8 @@ def report() -> str:
                                                      if built else "no"))
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))})")
+        if error is None and _ext.has_cuda_kernels():
+            lines.append("CUDA kernels on this GPU: " + _kernel_image_line(_ext))
     else:
         lines.append("GPU: none visible to torch")
     lines.append("backend per op (bf16/int64 BERT-base shapes):")

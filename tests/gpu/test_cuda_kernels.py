@@ -37,6 +37,18 @@ def test_kernels_are_offered_for_this_gpu():
     assert _ext.unavailable_reason("cuda", DEV) is None, _ext.cuda_architectures()
 
 
+def test_kernel_code_loads_on_this_gpu():
+    binary, ptx = _ext.kernel_image(DEV.index or 0)
+    capability = torch.cuda.get_device_capability(DEV)
+    # The loaded machine code is for this GPU's architecture family, made from PTX no newer than it.
+    assert _ext.architecture_runs(f"{binary}-real", capability), (binary, capability)
+    assert 0 < ptx <= binary, (binary, ptx)
+    assert _ext._kernel_image_reason(DEV.index or 0) is None
+    from fastmlm.info import report
+
+    assert f"CUDA kernels on this GPU: load as sm_{binary} machine code" in report()
+
+
 def test_a_gpu_the_build_cannot_run_falls_back_to_torch(monkeypatch):
     from fastmlm.ops import gather_rows
     from fastmlm.ops.gather import GATHER_ROWS

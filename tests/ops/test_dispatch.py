@@ -130,16 +130,25 @@ def cuda_build(monkeypatch):
     """fastmlm._C as if built with CUDA kernels for `archs` on a machine whose torch sees a GPU."""
     from fastmlm import _ext
 
-    state = {"archs": ("80-real", "90"), "count": 1, "capability": (9, 0)}
+    # "image": what loading the code on a device index gives (an exception is raised).
+    state = {"archs": ("80-real", "90"), "count": 1, "capability": (9, 0), "image": {}}
 
     def device_count():
         if isinstance(state["count"], Exception):
             raise state["count"]
         return state["count"]
 
+    def kernel_image(device):
+        image = state["image"].get(device, (90, 90))
+        if isinstance(image, Exception):
+            raise image
+        return image
+
+    module = type("C", (), {"cross_entropy_chunk_forward": None, "cuda_kernel_image": staticmethod(kernel_image)})
     monkeypatch.setattr(_ext, "load_error", lambda: None)
     monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
-    monkeypatch.setattr(_ext, "module", lambda: type("C", (), {"cross_entropy_chunk_forward": None})())
+    monkeypatch.setattr(_ext, "module", lambda: module)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_ext, "cuda_device_count", device_count)
     monkeypatch.setattr(_ext, "cuda_architectures", lambda: state["archs"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -150,8 +159,10 @@ def cuda_build(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     _ext._cuda_runtime_reason.cache_clear()
+    _ext._kernel_image_reason.cache_clear()
     yield state
     _ext._cuda_runtime_reason.cache_clear()
+    _ext._kernel_image_reason.cache_clear()
 
 
 def test_cuda_kernels_refused_on_a_gpu_no_built_architecture_runs_on(cuda_build):
@@ -205,6 +216,27 @@ def test_cuda_kernels_refused_when_their_runtime_cannot_use_the_driver(cuda_buil
     assert MASKED_POSITIONS.reasons("cuda", labels, -100, None)["cuda"] == _ext.unavailable_reason("cuda")
 
 
+def test_cuda_kernels_refused_on_a_gpu_their_code_does_not_load_on(cuda_build):
+    # The architectures say yes, but the driver cannot JIT the build's PTX for
+    # the second GPU: that GPU falls back, the first keeps the kernels.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastmlm import _ext
+    from fastmlm.ops.gather import GATHER_ROWS
+
+    cuda_build["image"] = {1: RuntimeError("CUDA error 222 (cudaErrorUnsupportedPtxVersion)")}
+    with FakeTensorMode():
+        on = {i: (torch.empty(8, 4, device=f"cuda:{i}"), torch.empty(2, dtype=torch.int64, device=f"cuda:{i}"))
+              for i in (0, 1)}
+    assert GATHER_ROWS.choose("cuda", *on[0]).name == "cuda"
+    assert GATHER_ROWS.choose("cuda", *on[1]).name == "torch"
+    reason = GATHER_ROWS.reasons("cuda", *on[1])["cuda"]
+    assert "cuda:1" in reason and "cudaErrorUnsupportedPtxVersion" in reason
+    assert _ext.unavailable_reason("cuda") is None  # None: the current GPU, index 0
+    with pytest.raises(RuntimeError, match="cudaErrorUnsupportedPtxVersion"):
+        _ext.require(torch.device("cuda:1"))
+
+
 def test_the_built_module_records_its_cuda_architectures():
     from fastmlm import _ext
 
@@ -221,3 +253,5 @@ def test_cuda_kernels_refused_on_a_machine_without_a_usable_gpu():
     if _ext.load_error() is not None or not _ext.has_cuda_kernels() or torch.cuda.is_available():
         pytest.skip("needs fastmlm._C with CUDA kernels on a machine without a GPU")
     assert _ext.unavailable_reason("cuda") is not None  # the runtime reports no driver or no device
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        _ext.kernel_image(0)  # loading the code fails with the runtime's error, not a crash
