@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in priority order, each stage bounded so that a short lease
-# still returns what finished. Run from the repository root on the GPU machine:
+# still returns what finished (the bounds add up to ~18 min: under a 10-minute call the
+# last stages are cut, which is why they come last). Run from the repository root on the GPU machine:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # Wheels the GPU machine cannot download (liger-kernel, cut-cross-entropy: pure Python)
 # go in .wheels/ beforehand: pip download --no-deps -d .wheels liger-kernel cut-cross-entropy
 set -u
 OUT=${OUT:-/tmp/fastmlm-gpu}
 mkdir -p "$OUT"
+# Everything printed also lands in $OUT: a run cut short by the lease still brings back its log.
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export FASTMLM_CUDA=1 FASTMLM_CUDA_ARCHS=${FASTMLM_CUDA_ARCHS:-90} PYTHONDONTWRITEBYTECODE=1
 stage() { echo; echo "=== $1 ($(date +%T))"; }
 
