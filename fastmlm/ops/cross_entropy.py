@@ -24,7 +24,7 @@ from fastmlm.ops.checks import (
 from fastmlm.ops.dispatch import (Backend, BackendTable, call_device, compiled_why_not, dtype_why_not,
                                    triton_why_not)
 from fastmlm.ops.registration import autocast_floats, register_autocast
-from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
+from fastmlm.ops.summed_loss import check_single_backward, mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import cross_entropy as reference
 
 MLM_CROSS_ENTROPY = BackendTable("mlm_cross_entropy")
@@ -32,6 +32,8 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def _triton_why_not(device_type, hidden, *args) -> Optional[str]:
+    if hidden.shape[1] == 0:
+        return "the kernels need a hidden size of at least 1"
     return triton_why_not(device_type, call_device(device_type, hidden)) or dtype_why_not(hidden.dtype, FLOAT_DTYPES)
 
 
@@ -128,14 +130,28 @@ def _backward_op(grad_row_loss: torch.Tensor, hidden: torch.Tensor, weight: torc
                  targets: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float,
                  z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (grad_row_loss, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss)
-    d_hidden, d_weight, d_bias = MLM_CROSS_ENTROPY.choose(hidden.device.type, hidden).backward(*args)
+    backend = MLM_CROSS_ENTROPY.choose(hidden.device.type, hidden, weight, bias, targets, ignore_index,
+                                       label_smoothing, z_loss)
+    d_hidden, d_weight, d_bias = backend.backward(*args)
     # A custom op cannot return None: an empty tensor stands for "no bias".
-    return d_hidden, d_weight, (hidden.new_empty(0) if d_bias is None else d_bias)
+    return _contiguous(d_hidden, d_weight, hidden.new_empty(0) if d_bias is None else d_bias)
 
 
 @_backward_op.register_fake
 def _(grad_row_loss, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss):
-    return torch.empty_like(hidden), torch.empty_like(weight), (hidden.new_empty(0) if bias is None else torch.empty_like(bias))
+    return _gradients_like(hidden, weight, bias)
+
+
+def _contiguous(*gradients: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # Whatever the backend and the inputs' strides (a transposed weight, say), as the
+    # fakes promise: Inductor lays out its buffers from the fake and checks the real strides.
+    return tuple(g.contiguous() for g in gradients)
+
+
+def _gradients_like(hidden, weight, bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fake gradients of (hidden, weight, bias): contiguous, as `_contiguous` makes the real ones."""
+    return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
+            hidden.new_empty(0) if bias is None else bias.new_empty(bias.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -178,15 +194,14 @@ def _summed_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         d_hidden, d_weight, d_bias = backend.backward(weights, hidden, weight, bias, targets, lse, ignore_index,
                                                       label_smoothing, z_loss)
     d_bias = hidden.new_empty(0) if d_bias is None else d_bias
-    return row_loss.sum() * scale, lse, d_hidden, d_weight, d_bias
+    return row_loss.sum() * scale, lse, *_contiguous(d_hidden, d_weight, d_bias)
 
 
 @_summed_op.register_fake
 def _(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, scale):
     dtype = _stat_dtype(hidden.dtype)
-    d_bias = hidden.new_empty(0) if bias is None else torch.empty_like(bias)
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(hidden.shape[0], dtype=dtype),
-            torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(weight), d_bias)
+            *_gradients_like(hidden, weight, bias))
 
 
 def _setup_summed(ctx, inputs, output):
@@ -204,10 +219,7 @@ def _backward_summed(ctx, grad_loss, grad_lse, *unused):
     # The saved gradients are scaled in place and handed out: they become the
     # parameters' .grad without a second [V, H] copy. So this backward can run
     # once; a second pass (retain_graph=True) would see scaled values.
-    if ctx.used:
-        raise RuntimeError("mlm_cross_entropy with reduction 'mean'/'sum' supports one backward pass per forward "
-                           "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
-    ctx.used = True
+    check_single_backward(ctx, "mlm_cross_entropy")
     d_hidden, d_weight, d_bias = scale_saved_gradients(ctx.saved_tensors, grad_loss)
     return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, None, None, None
 
@@ -255,6 +267,8 @@ def mlm_cross_entropy(
                         + ("" if bias is None else f", {bias.dtype}"))
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {hidden.shape[1]}] to match hidden")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows: the vocabulary is empty")
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"targets has {targets.shape[0]} entries but hidden has {hidden.shape[0]} rows")
     if bias is not None:

@@ -30,7 +30,7 @@ from fastmlm.ops.cross_entropy import REDUCTIONS
 from fastmlm.ops.dispatch import (Backend, BackendTable, call_device, compiled_why_not, dtype_why_not,
                                    recompute_backward, triton_why_not)
 from fastmlm.ops.registration import autocast_floats, register_autocast
-from fastmlm.ops.summed_loss import mean_count, scale_saved_gradients, summed_loss_scale
+from fastmlm.ops.summed_loss import check_single_backward, mean_count, scale_saved_gradients, summed_loss_scale
 from fastmlm.reference import mlm_head as reference
 
 MLM_HEAD = BackendTable("mlm_head")
@@ -183,16 +183,29 @@ def _backward_op(grad_row_loss: torch.Tensor, hidden_all: torch.Tensor, index: t
             decoder_bias, targets, pre, act, normed, ln_mean, ln_rstd, lse, layer_norm_eps, ignore_index,
             label_smoothing, z_loss)
     grads = MLM_HEAD.choose(hidden_all.device.type, hidden_all).backward(*args)
-    # A custom op cannot return None: an empty tensor stands for "no decoder bias".
-    return (*grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
+    return _contiguous(grads)
 
 
 @_backward_op.register_fake
 def _(grad_row_loss, hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
       decoder_bias, *rest):
-    like = [hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight]
-    return (*[torch.empty_like(t) for t in like],
-            hidden_all.new_empty(0) if decoder_bias is None else torch.empty_like(decoder_bias))
+    return _gradients_like(hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias)
+
+
+def _contiguous(grads) -> tuple[torch.Tensor, ...]:
+    # Whatever the backend and the inputs' strides (a transposed hidden_all, say), as the
+    # fakes promise: Inductor lays out its buffers from the fake and checks the real strides.
+    # A custom op cannot return None: an empty tensor stands for "no decoder bias".
+    *grads, d_decoder_bias = grads
+    d_decoder_bias = grads[0].new_empty(0) if d_decoder_bias is None else d_decoder_bias
+    return tuple(g.contiguous() for g in (*grads, d_decoder_bias))
+
+
+def _gradients_like(*params: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Fake gradients of hidden_all and the six parameters: contiguous, as `_contiguous` makes the real ones."""
+    *params, decoder_bias = params
+    return (*[p.new_empty(p.shape) for p in params],
+            params[0].new_empty(0) if decoder_bias is None else decoder_bias.new_empty(decoder_bias.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -239,16 +252,15 @@ def _summed_op(hidden_all: torch.Tensor, index: torch.Tensor, dense_weight: torc
     else:  # any backend: its forward, then its backward with every row weighted `scale`
         row_loss, lse, *activations = backend.forward(*args)
         grads = backend.backward(torch.full_like(row_loss, scale), *args[:9], *activations, lse, *args[9:])
-    return (row_loss.sum() * scale, lse, *grads[:6], hidden_all.new_empty(0) if grads[6] is None else grads[6])
+    return (row_loss.sum() * scale, lse, *_contiguous(grads))
 
 
 @_summed_op.register_fake
 def _(hidden_all, index, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight, decoder_bias, *rest):
     stat = _stat_dtype(hidden_all.dtype)
-    like = [hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight]
     return (hidden_all.new_empty((), dtype=stat), hidden_all.new_empty(index.shape[0], dtype=stat),
-            *[torch.empty_like(t, memory_format=torch.contiguous_format) for t in like],
-            hidden_all.new_empty(0) if decoder_bias is None else torch.empty_like(decoder_bias))
+            *_gradients_like(hidden_all, dense_weight, dense_bias, norm_weight, norm_bias, decoder_weight,
+                             decoder_bias))
 
 
 def _setup_summed(ctx, inputs, output):
@@ -264,10 +276,7 @@ def _setup_summed(ctx, inputs, output):
 
 def _backward_summed(ctx, grad_loss, *unused):
     # Scaled in place and handed out (no second copy of each gradient), so one backward pass per forward.
-    if ctx.used:
-        raise RuntimeError("mlm_head with reduction 'mean'/'sum' supports one backward pass per forward "
-                           "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
-    ctx.used = True
+    check_single_backward(ctx, "mlm_head")
     grads = scale_saved_gradients(ctx.saved_tensors, grad_loss)
     return (grads[0], None, *grads[1:6], grads[6] if ctx.has_decoder_bias else None, None, None, None, None, None,
             None)
@@ -319,6 +328,8 @@ def mlm_head(
     check_tensor("index", index, ndim=1, dtypes=INDEX_DTYPES)
     check_tensor("targets", targets, ndim=1, dtypes=(torch.int64,))
     hidden = hidden_all.shape[1]
+    if hidden == 0:
+        raise ValueError("hidden_all has no features: the head's LayerNorm needs a hidden size of at least 1")
     expected = {"dense_weight": (dense_weight, (hidden, hidden)), "dense_bias": (dense_bias, (hidden,)),
                 "norm_weight": (norm_weight, (hidden,)), "norm_bias": (norm_bias, (hidden,))}
     for name, (t, shape) in expected.items():
@@ -328,6 +339,8 @@ def mlm_head(
     check_tensor("decoder_weight", decoder_weight, ndim=2)
     if decoder_weight.shape[1] != hidden:
         raise ValueError(f"decoder_weight has shape {tuple(decoder_weight.shape)}, expected [V, {hidden}]")
+    if decoder_weight.shape[0] == 0:
+        raise ValueError("decoder_weight has no rows: the vocabulary is empty")
     if decoder_bias is not None:
         check_tensor("decoder_bias", decoder_bias, ndim=1)
         if decoder_bias.shape[0] != decoder_weight.shape[0]:

@@ -3,8 +3,9 @@
 `torch.library.register_autocast` casts to one dtype fixed at registration,
 but autocast's dtype is the user's choice per region (bf16 or fp16 on CUDA,
 bf16 on CPU). This registers the same kind of rule that reads the region's
-dtype at call time: floating tensors on the autocast device are cast to it,
-then the op runs with autocast excluded, as for `torch.nn.functional.linear`.
+dtype at call time: floating tensors on the autocast device (float64 excepted) are
+cast to it, then the op runs with autocast excluded, as for
+`torch.nn.functional.linear`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ _lib = torch.library.Library("fastmlm", "FRAGMENT")
 
 
 def _cast(value, device_type: str, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == device_type:
+    # As autocast's own rule (`is_eligible` in aten/src/ATen/autocast_mode.h): float64 is left alone.
+    if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+            and value.device.type == device_type):
         return value.to(dtype)
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v, device_type, dtype) for v in value)

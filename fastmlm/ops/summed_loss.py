@@ -32,6 +32,24 @@ def summed_loss_scale(targets: torch.Tensor, ignore_index: int,
     return 1.0, count
 
 
+def check_single_backward(ctx, op: str) -> None:
+    """Refuse what a summed op's backward cannot give, before it hands out its gradients.
+
+    The gradients were formed in the forward pass as plain tensors: they carry no
+    graph, so a double backward (`create_graph=True`, e.g. a gradient penalty)
+    would silently see constants; and they are scaled in place, so a second
+    backward pass over the same forward (`retain_graph=True`) would see scaled
+    values. Grad mode is on inside a backward exactly when it creates a graph.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} with reduction 'mean'/'sum' has no double backward (create_graph=True); "
+                           "use reduction='none' and reduce it yourself")
+    if ctx.used:
+        raise RuntimeError(f"{op} with reduction 'mean'/'sum' supports one backward pass per forward "
+                           "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
+    ctx.used = True
+
+
 def scale_saved_gradients(saved: Sequence[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
     """The summed op's saved gradients times its upstream gradient, scaled in place.
 

@@ -57,3 +57,16 @@ def test_attention_runs_in_the_region_dtype():
         out = attention(q, k, v, cu, 4)
     assert out.dtype == BF16
     assert torch.equal(out, attention(q.to(BF16), k.to(BF16), v.to(BF16), cu, 4))
+
+
+def test_float64_inputs_are_left_alone_as_by_torch():
+    # Autocast casts fp32/fp16 inputs, never float64 ones (F.linear in a region stays fp64).
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(30, 16, generator=g,
+                                                                                     dtype=torch.float64)
+    targets = torch.tensor([1, 29, -100, 0, 7])
+    with torch.autocast("cpu", dtype=BF16):
+        assert torch.nn.functional.linear(hidden, weight).dtype == torch.float64
+        loss, lse = mlm_cross_entropy(hidden, weight, targets, return_lse=True)
+    assert lse.dtype == torch.float64
+    assert torch.equal(loss, mlm_cross_entropy(hidden, weight, targets))

@@ -100,6 +100,19 @@ def test_summed_path_refuses_a_second_backward(family):
 
 
 @pytest.mark.parametrize("family", list(PROBLEMS))
+def test_summed_path_refuses_a_double_backward(family):
+    # Its gradients were formed in the forward pass and carry no graph: a gradient
+    # penalty through them would silently get none, so create_graph=True is refused.
+    leaves, loss_of = PROBLEMS[family](seed=5)
+    tensors = [t.clone().requires_grad_() for t in leaves]
+    with use_backend("cpu", family):
+        loss = loss_of(tensors, "mean")
+    assert "summed" in type(loss.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, tensors[0], create_graph=True)
+
+
+@pytest.mark.parametrize("family", list(PROBLEMS))
 def test_handed_out_gradients_are_plain_tensors(family):
     # autograd.grad without create_graph returns tensors outside the graph, so a
     # fast-weights step (w - lr * grad) then trains like any other tensor.

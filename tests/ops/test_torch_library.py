@@ -79,6 +79,38 @@ def test_opcheck_summed_mlm_head():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """The same values in column-major storage: dense, not contiguous (a tied weight's .t().t(), say)."""
+    return t.t().contiguous().t()
+
+
+def test_gradients_are_contiguous_for_transposed_inputs():
+    # The fakes promise contiguous gradients, whatever the inputs' strides: Inductor lays out
+    # the backward's buffers from them and asserts the real strides (it failed for a
+    # transposed weight before the ops made their outputs contiguous).
+    g = torch.Generator().manual_seed(3)
+    h, w = _transposed(torch.randn(6, 16, generator=g)), _transposed(torch.randn(40, 16, generator=g))
+    b, t = torch.randn(40, generator=g), torch.tensor([1, 5, -100, 39, 0, 7])
+    loss, lse = ops.mlm_cross_entropy.default(h, w, b, t, -100, 0.1, 1e-3)
+    fake_checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.mlm_cross_entropy_backward.default,
+                          (torch.randn(6, generator=g), h, w, b, t, lse, -100, 0.1, 1e-3), test_utils=fake_checks)
+    torch.library.opcheck(ops.mlm_cross_entropy_summed.default, (h, w, b, t, -100, 0.1, 1e-3, 0.5),
+                          test_utils=fake_checks)
+
+    hidden_all = _transposed(torch.randn(9, 16, generator=g))
+    params = [_transposed(torch.randn(16, 16, generator=g) * 0.25), torch.randn(16, generator=g),
+              1 + 0.1 * torch.randn(16, generator=g), torch.randn(16, generator=g),
+              _transposed(torch.randn(40, 16, generator=g) * 0.25), torch.randn(40, generator=g)]
+    index, targets = torch.tensor([0, 4, 4, 8]), torch.tensor([3, -100, 39, 0])
+    outputs = ops.mlm_head.default(hidden_all, index, *params, targets, 1e-12, -100, 0.1, 1e-3)
+    torch.library.opcheck(ops.mlm_head_backward.default,
+                          (torch.randn(4, generator=g), hidden_all, index, *params, targets, *outputs[2:], outputs[1],
+                           1e-12, -100, 0.1, 1e-3), test_utils=fake_checks)
+    torch.library.opcheck(ops.mlm_head_summed.default,
+                          (hidden_all, index, *params, targets, 1e-12, -100, 0.1, 1e-3, 0.5), test_utils=fake_checks)
+
+
 def test_opcheck_data_dependent_positions():
     labels = torch.tensor([[-100, 3, -100, 4], [5, -100, -100, -100]])
     torch.library.opcheck(ops.masked_positions.default, (labels, -100, None),

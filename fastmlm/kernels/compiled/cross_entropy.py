@@ -189,8 +189,9 @@ class _ChunkedLogits:
 
     def whole(self, w: torch.Tensor) -> torch.Tensor:
         """Logits of the whole vocabulary, contiguous fp32 [M, V] (the one-chunk CPU path)."""
+        # oneDNN refuses an empty inner dimension (H = 0: the logits are the bias).
         if (self.hidden.device.type == "cpu" and self.mode in (_FP32, _WIDEN) and w.is_contiguous()
-                and _onednn_linear_available()):
+                and w.shape[1] > 0 and _onednn_linear_available()):
             # The bias must be contiguous: torch 2.13's op reads a strided bias as if it
             # were dense (wrong logits, no error). A [V] copy is cheap; the weight is not,
             # so a strided weight takes the MKL path instead.

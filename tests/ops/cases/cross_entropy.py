@@ -11,7 +11,7 @@ def ce_case(name, rows, hidden_size, vocab, *, bias=True, ignored=0.2, reduction
     vocabulary, more than one kernel block); targets are drawn from the rest."""
     def build(device, dtype, generator):
         hidden = torch.randn(rows, hidden_size, generator=generator, dtype=torch.float64)
-        weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (scale / hidden_size**0.5)
+        weight = torch.randn(vocab, hidden_size, generator=generator, dtype=torch.float64) * (scale / max(hidden_size, 1)**0.5)
         b = torch.randn(vocab, generator=generator, dtype=torch.float64) if bias else None
         targets = torch.randint(0, vocab, (rows,), generator=generator)
         if masked_vocab:
@@ -39,6 +39,7 @@ CASES = [
     ce_case("none-reduction", 7, 16, 50, reduction="none"),
     ce_case("all-ignored", 5, 16, 40, ignored=1.0),
     ce_case("empty", 0, 16, 40),
+    ce_case("zero-hidden-size", 5, 0, 40),  # logits are the bias alone
     ce_case("label-smoothing", 8, 32, 90, label_smoothing=0.1),
     ce_case("z-loss", 8, 32, 90, z_loss=1e-3),
     ce_case("large-logits", 6, 16, 64, scale=300.0),
