@@ -185,19 +185,37 @@ def read_weights(directory: str) -> dict[str, torch.Tensor]:
     if os.path.isfile(single):
         return read_safetensors(single)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(read_safetensors(os.path.join(directory, shard)))
-        return state
+        return _read_shards(directory, index)
     if any(os.path.isfile(os.path.join(directory, n)) for n in ("pytorch_model.bin", "tf_model.h5")):
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}; fastmlm reads safetensors only, never pickle "
                                 "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+
+
+def _read_shards(directory: str, index: str) -> dict[str, torch.Tensor]:
+    """The shards of a sharded checkpoint, held to their index: every key in the shard the
+    index names for it, none twice, none unlisted; shards are files of `directory` itself."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("weight_map must map names to file names")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{index} names shard {shard!r}: shards must be files beside the index")
+        path = os.path.join(directory, shard)
+        for key, tensor in read_safetensors(path).items():
+            if weight_map.get(key) != shard:
+                where = f"listed under {weight_map[key]}" if key in weight_map else "not in the index"
+                raise ValueError(f"{path} holds {key}, which is {where}")
+            state[key] = tensor
+    missing = sorted(set(weight_map) - set(state))
+    if missing:
+        raise ValueError(f"{index} lists {len(missing)} tensors that no shard holds, e.g. {missing[:3]}")
+    return state
 
 
 def replace_atomically(writers: dict) -> None:
@@ -267,10 +285,8 @@ def load_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = t
         from fastmlm.model.encoder import Pooler  # the model package imports this module
         encoder.pooler = Pooler(config)
         if _is_masked_lm(model):
-            # Kept for drop_head()'s encoder (classifiers use it), but the MLM loss never
-            # reads it: frozen until then, so DistributedDataParallel does not wait for its
-            # gradients (it would need find_unused_parameters=True otherwise).
-            encoder.pooler.requires_grad_(False)
+            # Kept for drop_head()'s encoder (classifiers use it), but the MLM loss never reads it.
+            encoder.pooler.freeze_while_unused()
     model.to(dtype)
     load_hf_state_dict(model, state, source=os.path.join(directory, WEIGHTS_NAME))
     return model

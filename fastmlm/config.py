@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 # hidden_act values fastmlm computes exactly as HuggingFace's ACT2FN does.
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
@@ -37,7 +37,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    pad_token_id: int = 0
+    pad_token_id: Optional[int] = 0  # None: no padding row in the word embeddings (HF's null)
     hidden_act: str = "gelu"
     initializer_range: float = 0.02
 
@@ -57,8 +57,9 @@ class EncoderConfig:
             raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {ACTIVATIONS}")
-        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id {self.pad_token_id!r} is outside the vocabulary [0, {self.vocab_size})")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id {pad!r} is neither None nor in the vocabulary [0, {self.vocab_size})")
 
     @property
     def head_dim(self) -> int:
@@ -66,8 +67,10 @@ class EncoderConfig:
 
     # ---- HuggingFace config.json ----
     @classmethod
-    def from_hf(cls, config: dict | str | os.PathLike) -> "EncoderConfig":
-        """From a BertConfig dict, a `config.json` path, or a directory holding one."""
+    def from_hf(cls, config: Any) -> "EncoderConfig":
+        """From a `transformers.BertConfig`, its dict, a `config.json` path, or a directory holding one."""
+        if hasattr(config, "to_dict") and not isinstance(config, dict):
+            config = config.to_dict()
         if not isinstance(config, dict):
             path = os.fspath(config)
             if os.path.isdir(path):
@@ -92,7 +95,9 @@ class EncoderConfig:
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             key = _HF_NAMES.get(field.name, field.name)
-            if key in config and config[key] is not None:
+            # null means "unset" (the default) except for pad_token_id, where HF reads it as
+            # "no padding row": token 0 then trains like any other.
+            if key in config and (config[key] is not None or field.name == "pad_token_id"):
                 kwargs[field.name] = config[key]
         return cls(**kwargs)
 

@@ -29,6 +29,20 @@ class Pooler(nn.Module):
     def __init__(self, config: EncoderConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        # Set by freeze_while_unused: a freeze that mark_used undoes (a user's own freeze stays).
+        self.frozen_while_unused = False
+
+    def freeze_while_unused(self) -> None:
+        """Frozen while its owner (a MaskedLM) never reads it, so DistributedDataParallel does not
+        wait for its gradients (it would need find_unused_parameters=True otherwise)."""
+        self.requires_grad_(False)
+        self.frozen_while_unused = True
+
+    def mark_used(self) -> None:
+        """Called by whatever reads the pooler (a classifier, drop_head): trainable again."""
+        if self.frozen_while_unused:
+            self.requires_grad_(True)
+            self.frozen_while_unused = False
 
     def forward(self, first_token: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(first_token))

@@ -110,6 +110,9 @@ class SequenceClassifier(nn.Module):
         self.encoder = encoder
         self.num_labels = num_labels
         self.pooling = pooling
+        if pooling == "cls" and encoder.pooler is not None:
+            # A MaskedLM's encoder (model.encoder) keeps its pooler frozen while the MLM leaves it unused.
+            encoder.pooler.mark_used()
         self.classifier = _classifier(encoder.config.hidden_size, num_labels, encoder.config.initializer_range)
 
     def pool(self, batch: PackedBatch) -> torch.Tensor:
@@ -138,29 +141,40 @@ class SequenceClassifier(nn.Module):
         float [B, num_labels] -> binary cross-entropy per label (HuggingFace's problem types)."""
         batch = self.encoder.pack(input_ids, attention_mask, token_type_ids, cu_seqlens=cu_seqlens,
                                   max_seqlen=max_seqlen)
+        if labels is not None:  # before the encoder runs
+            self.check_labels(labels, _num_sequences(batch), input_ids.device)
         pooled = F.dropout(self.pool(batch), self.dropout, self.training)
         logits = self.classifier(pooled)
-        return ClassifierOutput(logits=logits, loss=None if labels is None else self.loss(logits, labels))
+        return ClassifierOutput(logits=logits, loss=None if labels is None else self._checked_loss(logits, labels))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def check_labels(self, labels: torch.Tensor, n: int, device: torch.device) -> None:
+        """Labels for n sequences, in one of the three forms `forward` describes."""
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        n = logits.shape[0]
-        if labels.device != logits.device:
-            raise ValueError(f"labels are on {labels.device} but the logits on {logits.device}")
+        if labels.device != device:
+            raise ValueError(f"labels are on {labels.device} but the inputs on {device}")
         if self.num_labels == 1:  # regression
             if labels.numel() != n:
                 raise ValueError(f"regression labels need {n} values (one per sequence), got shape {tuple(labels.shape)}")
+        elif labels.is_floating_point():  # multi-label
+            if labels.shape != (n, self.num_labels):
+                raise ValueError(f"multi-label (float) labels must have shape {(n, self.num_labels)}, "
+                                 f"got {tuple(labels.shape)}")
+        else:
+            if labels.dtype == torch.bool or labels.shape != (n,):
+                raise ValueError(f"class labels must be an integer tensor of shape ({n},), got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+            _check_class_labels(labels, self.num_labels)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.check_labels(labels, logits.shape[0], logits.device)
+        return self._checked_loss(logits, labels)
+
+    def _checked_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:  # regression
             return F.mse_loss(logits.float().view(-1), labels.float().view(-1))
         if labels.is_floating_point():  # multi-label
-            if labels.shape != logits.shape:
-                raise ValueError(f"multi-label (float) labels must have shape {tuple(logits.shape)}, "
-                                 f"got {tuple(labels.shape)}")
             return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        if labels.dtype == torch.bool or labels.shape != (n,):
-            raise ValueError(f"class labels must be an integer tensor of shape ({n},), got {labels.dtype} "
-                             f"{tuple(labels.shape)}")
-        _check_class_labels(labels, self.num_labels)
         labels = labels.long()
         # A sum over a clamped count, as TokenClassifier: every label -100 gives 0, not NaN.
         total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -76,6 +76,8 @@ def check_encoder_inputs(config: EncoderConfig, input_ids, attention_mask, token
         token_type_ids = torch.zeros_like(input_ids)
     else:
         _integer_tensor("token_type_ids", token_type_ids)
+        if token_type_ids.dtype not in (torch.int32, torch.int64):  # what the embedding lookup takes
+            raise TypeError(f"token_type_ids must be int32 or int64, got {token_type_ids.dtype}")
         _same_shape("token_type_ids", token_type_ids, input_ids)
         _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
     _check_range("input_ids", input_ids, config.vocab_size, "the vocabulary")

@@ -15,6 +15,8 @@ Options:
   `token_capacity` (the packed token count) a training step compiles with
   `fullgraph=True` and captures in a CUDA graph. More than C labels is an error
   in eager mode; while compiling, the labels past C are left out of the loss.
+  (Without `token_capacity`, a batch with no real token has no slots: there is
+  no packed row for them to point at, and its loss is 0.)
 - `last_layer_subset=True`: the last layer computes queries, attention output
   and feed-forward only for labelled rows (keys and values for all tokens).
 - `objective="causal"`: attention hides later positions and row t of each
@@ -99,7 +101,7 @@ class MaskedLM(nn.Module):
         """The encoder alone; this model's head parameters are released."""
         self.head = None
         if self.encoder.pooler is not None:  # frozen while unused by the MLM (checkpoint.load_pretrained)
-            self.encoder.pooler.requires_grad_(True)
+            self.encoder.pooler.mark_used()
         return self.encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -122,19 +124,21 @@ class MaskedLM(nn.Module):
         if causal:
             packed_labels = shift_labels_within_sequences(packed_labels, batch.cu_seqlens)
 
-        if self.mask_capacity is not None and value_checks_enabled(packed_labels):
+        # Capacity padding points at row 0, which a batch without a real token (possible
+        # without token_capacity, whose row count is then known on the host) does not have.
+        capacity = self.mask_capacity if batch.num_rows > 0 else None
+        if capacity is not None and value_checks_enabled(packed_labels):
             count = int((packed_labels != IGNORE_INDEX).sum())
-            if count > self.mask_capacity:
-                raise ValueError(f"the batch has {count} labelled positions, more than mask_capacity "
-                                 f"{self.mask_capacity}")
+            if count > capacity:
+                raise ValueError(f"the batch has {count} labelled positions, more than mask_capacity {capacity}")
 
-        rows, count = masked_positions(packed_labels, capacity=self.mask_capacity)
+        rows, count = masked_positions(packed_labels, capacity=capacity)
         targets = packed_labels[rows]
-        if self.mask_capacity is not None:
-            targets = torch.where(torch.arange(self.mask_capacity, device=rows.device) < count, targets, IGNORE_INDEX)
+        if capacity is not None:
+            targets = torch.where(torch.arange(capacity, device=rows.device) < count, targets, IGNORE_INDEX)
 
         if self.last_layer_subset:
-            cu_q, cu_k = self._query_sequences(batch, rows, count)
+            cu_q, cu_k = self._query_sequences(batch, rows, count, capacity)
             hidden = self.encoder.run(batch, last_layer_query_rows=rows, cu_seqlens_q=cu_q,
                                       max_seqlen_q=batch.max_seqlen, cu_seqlens_k=cu_k)
             head_rows = torch.arange(rows.shape[0], device=rows.device)
@@ -172,7 +176,8 @@ class MaskedLM(nn.Module):
         x = head.transform(gather_rows(hidden, rows))
         return mlm_cross_entropy(x, word, targets, head.bias)
 
-    def _query_sequences(self, batch: PackedBatch, rows: torch.Tensor, count: torch.Tensor):
+    def _query_sequences(self, batch: PackedBatch, rows: torch.Tensor, count: torch.Tensor,
+                         capacity: Optional[int]):
         """cu_seqlens for the last layer's query subset, and the matching key cu_seqlens.
 
         `rows` is increasing and the packed sequences are contiguous, so the
@@ -181,14 +186,14 @@ class MaskedLM(nn.Module):
         """
         total = batch.num_rows
         starts = batch.cu_seqlens.to(torch.int64)
-        if self.mask_capacity is None:
+        if capacity is None:
             return torch.searchsorted(rows, starts).to(torch.int32), batch.cu_seqlens
         # Capacity padding (index 0 past `count`) would break the ordering: move it past every row.
-        slots = torch.arange(self.mask_capacity, device=rows.device)
+        slots = torch.arange(capacity, device=rows.device)
         sorted_rows = torch.where(slots < count, rows, total)
         cu_q = torch.searchsorted(sorted_rows, starts)
         # The padding query slots form dummy sequences with no keys, whose output the op defines as 0.
-        cu_q = append_spare_sequences(cu_q, cu_q[-1], self.mask_capacity, batch.max_seqlen)
+        cu_q = append_spare_sequences(cu_q, cu_q[-1], capacity, batch.max_seqlen)
         num_dummy = cu_q.shape[0] - starts.shape[0]
         cu_k = torch.cat([starts, starts.new_full((num_dummy,), total)]).to(torch.int32)
         return cu_q, cu_k

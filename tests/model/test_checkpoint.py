@@ -1,6 +1,7 @@
 """Checkpoints: HuggingFace interop both ways, bit-for-bit round trips, strict and atomic loading."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -120,6 +121,24 @@ def test_bert_for_pretraining_checkpoint_keeps_the_pooler(tmp_path):
     assert all(p.requires_grad for p in encoder.pooler.parameters())
 
 
+def test_a_classifier_on_a_masked_lms_encoder_trains_its_pooler(tmp_path):
+    # model.encoder (not drop_head()) handed to a classifier: the pooler is in its loss now.
+    from fastmlm import SequenceClassifier
+
+    config = tiny_config(32)
+    hf_twin(transformers.BertForPreTraining, config, 32).save_pretrained(tmp_path)
+    model = MaskedLM.from_pretrained(tmp_path)
+    classifier = SequenceClassifier(model.encoder, 2)
+    ids, mask, types = padded_batch(config, 32, batch=2, seq=8)
+    classifier(ids, mask, types, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None for p in model.encoder.pooler.parameters())
+    # A freeze of the user's own stays.
+    encoder = Encoder.from_pretrained(tmp_path)
+    encoder.pooler.requires_grad_(False)
+    SequenceClassifier(encoder, 2)
+    assert not any(p.requires_grad for p in encoder.pooler.parameters())
+
+
 def test_encoder_from_masked_lm_checkpoint_ignores_the_head(tmp_path):
     config = tiny_config(24)
     model = MaskedLM(config)
@@ -135,10 +154,27 @@ def test_config_round_trip_and_bert_config():
     assert (hf.num_hidden_layers, hf.num_attention_heads, hf.hidden_dropout_prob) == (
         config.num_layers, config.num_heads, config.hidden_dropout)
     assert EncoderConfig.from_hf(hf.to_dict()) == config
+    assert EncoderConfig.from_hf(hf) == config
     for bad in ({"position_embedding_type": "relative_key"}, {"model_type": "roberta"}, {"is_decoder": True},
-                {"hidden_act": "quick_gelu"}, {"hidden_size": 30, "num_attention_heads": 4}):
+                {"hidden_act": "quick_gelu"}, {"hidden_size": 30, "num_attention_heads": 4},
+                {"pad_token_id": True}, {"pad_token_id": config.vocab_size}):
         with pytest.raises(ValueError):
             EncoderConfig.from_hf({**config.to_hf(), **bad})
+
+
+def test_null_pad_token_id_means_no_padding_row(tmp_path):
+    # HF reads "pad_token_id": null as no padding_idx: token 0's embedding trains like any other.
+    config = tiny_config(26)
+    hf = hf_twin(transformers.BertModel, dataclasses.replace(config, pad_token_id=None), 26)
+    assert hf.embeddings.word_embeddings.padding_idx is None
+    hf.save_pretrained(tmp_path)
+    encoder = Encoder.from_pretrained(tmp_path)
+    assert encoder.config.pad_token_id is None and encoder.embeddings.word.padding_idx is None
+    ids = torch.zeros(1, 4, dtype=torch.int64)
+    encoder(ids).square().sum().backward()
+    assert encoder.embeddings.word.weight.grad[0].any()
+    encoder.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["pad_token_id"] is None
 
 
 def test_drop_head_releases_the_head(tmp_path):
@@ -201,6 +237,49 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
     write_checkpoint(tmp_path, wrong, state)
     with pytest.raises(ValueError, match="intermediate.dense.weight has shape"):
         MaskedLM.from_pretrained(tmp_path)
+
+
+def test_sharded_checkpoints_load_and_are_held_to_their_index(tmp_path):
+    config = tiny_config(33)
+    hf = hf_twin(transformers.BertForMaskedLM, config, 33)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    index_path = tmp_path / "sharded" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    model = MaskedLM.from_pretrained(tmp_path / "sharded")
+    assert torch.equal(model.encoder.embeddings.word.weight, hf.bert.embeddings.word_embeddings.weight)
+
+    def tampered(name, change):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in (tmp_path / "sharded").iterdir():
+            (folder / f.name).write_bytes(f.read_bytes())
+        change(folder, json.loads(index_path.read_text()))
+        return folder
+
+    def duplicate(folder, index):  # a second copy of one tensor, in another shard, zeroed
+        key, first = next(iter(index["weight_map"].items()))
+        other = next(s for s in shards if s != first)
+        state = load_file(folder / other)
+        state[key] = torch.zeros_like(load_file(folder / first)[key])
+        save_file(state, folder / other, metadata={"format": "pt"})
+
+    def unheld(folder, index):
+        index["weight_map"]["bert.encoder.layer.9.output.dense.weight"] = shards[0]
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def outside(folder, index):
+        first = shards[0]
+        (tmp_path / "elsewhere.safetensors").write_bytes((folder / first).read_bytes())
+        index["weight_map"] = {k: (str(tmp_path / "elsewhere.safetensors") if v == first else v)
+                               for k, v in index["weight_map"].items()}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    for change, message in ((duplicate, "which is listed under"), (unheld, "no shard holds"),
+                            (outside, "must be files beside the index")):
+        with pytest.raises(ValueError, match=message):
+            MaskedLM.from_pretrained(tampered(change.__name__, change))
 
 
 def test_missing_and_corrupt_files(tmp_path):

@@ -69,8 +69,22 @@ def test_bad_input_is_rejected_before_any_op(case, no_ops_may_run):
         MaskedLM(CONFIG)(ids, mask, labels=labels)
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0, 2]), r"in \[0, 2\)"), (torch.tensor([0, 1, 1]), "shape"),
+    (torch.tensor([[0.5, 1.0]]), "multi-label"), ([0, 1], "torch.Tensor"),
+], ids=["class out of range", "too many", "multi-label shape", "a list"])
+def test_bad_classifier_labels_are_rejected_before_the_encoder_runs(labels, message, no_ops_may_run):
+    from fastmlm import SequenceClassifier
+
+    ids, mask, _ = good_batch()
+    with pytest.raises((ValueError, TypeError), match=message):
+        SequenceClassifier(Encoder(CONFIG), 2)(ids, mask, labels=labels)
+
+
 def test_bad_token_types(no_ops_may_run):
     ids, mask, labels = good_batch()
+    with pytest.raises(TypeError, match="token_type_ids must be int32 or int64"):
+        Encoder(CONFIG)(ids, mask, torch.zeros_like(ids, dtype=torch.uint8))
     with pytest.raises(ValueError, match="token_type_ids contains 2"):
         MaskedLM(CONFIG)(ids, mask, torch.full_like(ids, 2), labels=labels)
     with pytest.raises(ValueError, match="token_type_ids has shape"):

@@ -159,6 +159,20 @@ def test_causal_labels_never_cross_sequence_boundaries():
     assert out.targets.tolist() == [4, 5, 8, 9]
 
 
+@pytest.mark.parametrize("options", [{}, {"mask_capacity": 4}, {"mask_capacity": 4, "last_layer_subset": True},
+                                     {"mask_capacity": 4, "objective": "causal"}], ids=str)
+def test_a_batch_without_real_tokens_has_zero_loss(options):
+    # Every attention_mask entry 0: no packed row, so capacity slots have none to point at.
+    config = tiny_config(12, num_layers=1)
+    model = MaskedLM(config, **options)
+    ids, mask = torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 5, dtype=torch.int64)
+    labels = None if options.get("objective") else torch.full((2, 5), IGNORE_INDEX)
+    out = model(ids, mask, labels=labels)
+    assert out.loss.item() == 0.0 and int(out.num_labelled) == 0
+    out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
 def test_eval_is_deterministic_and_train_applies_dropout():
     config = tiny_config(11, hidden_dropout=0.1, attention_dropout=0.1)
     model = MaskedLM(config)
