@@ -95,22 +95,25 @@ def _env_forced(family: str, table_names: tuple[str, ...]) -> Optional[str]:
     value = os.environ.get("FASTMLM_BACKEND", "").strip()
     if not value:
         return None
+    # An entry for this family wins over a bare backend name wherever each stands
+    # ("torch,attention=sdpa" forces sdpa on attention, torch elsewhere).
+    for_family, bare = None, None
     for entry in value.split(","):
         entry = entry.strip()
         if "=" in entry:
             fam, name = (part.strip() for part in entry.split("=", 1))
             if fam not in TABLES:  # a typo must not silently leave the default backend in place
                 raise ValueError(f"FASTMLM_BACKEND names unknown op family {fam!r}; families are {', '.join(TABLES)}")
-            if fam == family:
-                if name not in BACKEND_NAMES:
-                    raise ValueError(f"FASTMLM_BACKEND names unknown backend {name!r}")
-                return name
+            if name not in BACKEND_NAMES:
+                raise ValueError(f"FASTMLM_BACKEND names unknown backend {name!r}")
+            if fam == family and for_family is None:
+                for_family = name
         elif entry:
             if entry not in BACKEND_NAMES:
                 raise ValueError(f"FASTMLM_BACKEND names unknown backend {entry!r}")
-            if entry in table_names:
-                return entry
-    return None
+            if entry in table_names and bare is None:
+                bare = entry
+    return for_family or bare
 
 
 class BackendTable:

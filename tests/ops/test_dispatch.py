@@ -37,7 +37,16 @@ def test_forcing_by_context_and_environment(monkeypatch):
     assert table.choose("cuda", None).name == "torch"
     monkeypatch.setenv("FASTMLM_BACKEND", "sdpa")  # a backend this family lacks: ignored here
     assert table.choose("cpu", None).name == "cpu"
+    # A family's own entry wins over a bare name, in either order.
+    for value in ("cpu,test_family_for_dispatch=torch", "test_family_for_dispatch=torch,cpu"):
+        monkeypatch.setenv("FASTMLM_BACKEND", value)
+        assert table.choose("cuda", None).name == "torch", value
+    monkeypatch.setenv("FASTMLM_BACKEND", "torch,gather_rows=cpu")
+    assert table.choose("cuda", None).name == "torch"
     monkeypatch.setenv("FASTMLM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="unknown backend"):
+        table.choose("cpu", None)
+    monkeypatch.setenv("FASTMLM_BACKEND", "gather_rows=bogus")  # another family's typo is still an error
     with pytest.raises(ValueError, match="unknown backend"):
         table.choose("cpu", None)
 
