@@ -126,6 +126,12 @@ def _module_docstrings(module_name: str) -> Iterator[str]:
                     continue
                 if isinstance(member, (staticmethod, classmethod)):
                     member = member.__func__
+                # Methods other packages attach at import time (transformers adds
+                # logging.Logger.warning_once) would make the corpus depend on what the
+                # process imported; C methods name no module and are kept.
+                origin = getattr(member.fget if isinstance(member, property) else member, "__module__", None)
+                if isinstance(origin, str) and origin != module.__name__:
+                    continue
                 if inspect.isroutine(member) or isinstance(member, property):
                     yield from filter(None, [_own_docstring(member)])
 

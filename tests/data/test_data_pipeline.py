@@ -85,6 +85,21 @@ def test_stdlib_corpus_is_deterministic_and_deduplicated(stdlib_docs):
     assert list(stdlib_docstring_documents(["no_such_module_fastmlm"])) == []
 
 
+def test_stdlib_corpus_ignores_methods_other_packages_attach(monkeypatch):
+    # transformers adds logging.Logger.warning_once when imported: the corpus (and so
+    # a run's data fingerprint) must not depend on what the process imported.
+    import textwrap
+
+    before = list(stdlib_docstring_documents(["textwrap"]))
+
+    def wrap_twice(self):
+        """Wraps the text twice over, a sentence no standard library docstring holds."""
+
+    wrap_twice.__module__ = "some_other_package"
+    monkeypatch.setattr(textwrap.TextWrapper, "wrap_twice", wrap_twice, raising=False)
+    assert list(stdlib_docstring_documents(["textwrap"])) == before
+
+
 # ---------------------------------------------------------------- tokenizer
 def test_trained_tokenizer_special_tokens_and_lowercase(small_tokenizer, tmp_path):
     tok = small_tokenizer
