@@ -148,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        # Configuration and input problems: one clear line, not a traceback.
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        # Configuration and input problems, and a diverged run: one clear line, not a traceback.
         print(f"fastmlm {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 
 import torch
@@ -79,7 +80,9 @@ def report() -> str:
             lines.append("CUDA kernels on this GPU: " + _kernel_image_line(_ext))
     else:
         lines.append("GPU: none visible to torch")
-    lines.append("backend per op (bf16/int64 BERT-base shapes):")
+    forced = os.environ.get("FASTMLM_BACKEND", "").strip()
+    lines.append("backend per op (bf16/int64 BERT-base shapes)"
+                 + (f", FASTMLM_BACKEND={forced} forcing where it names a backend:" if forced else ":"))
     for table, args in _sample_calls():
         for device in ("cpu", "cuda"):
             try:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, CLS, SEP, MASK)
@@ -80,6 +80,18 @@ def _bert_pipeline(model: models.Model) -> Tokenizer:
     return tokenizer
 
 
+def _add_bert_post_processor(tokenizer: Tokenizer) -> Tokenizer:
+    """[CLS] a [SEP] (b [SEP], type 1): what a saved tokenizer.json adds for other
+    libraries (transformers' PreTrainedTokenizerFast). fastmlm's own encode asks for
+    no special tokens: its packing places them."""
+    cls_id, sep_id = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
+    if cls_id is not None and sep_id is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+            special_tokens=[(CLS, cls_id), (SEP, sep_id)])
+    return tokenizer
+
+
 def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: int = 2) -> TextTokenizer:
     """Train an uncased WordPiece vocabulary on texts; special tokens get ids 0-4.
 
@@ -101,7 +113,7 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 8192, min_frequen
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return TextTokenizer(tokenizer)
+    return TextTokenizer(_add_bert_post_processor(tokenizer))
 
 
 def load_tokenizer(path: str | Path) -> TextTokenizer:
@@ -118,13 +130,20 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.suffix == ".json":
-        return TextTokenizer(Tokenizer.from_file(str(path)))
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"{path} is not a readable tokenizer.json: {e}") from None
+        return TextTokenizer(tokenizer)
     if path.suffix == ".txt":
-        vocab = models.WordPiece.read_file(str(path))
+        try:
+            vocab = models.WordPiece.read_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable vocab.txt: {e}") from None
         tokenizer = _bert_pipeline(models.WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"))
         # Registered as special (at their vocab.txt ids), as a tokenizer.json marks them:
         # "[MASK]" in text is one token, and decoding skips them.
         # Only those the file has: a missing one must fail TextTokenizer's check, not be appended.
         tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if t in vocab])
-        return TextTokenizer(tokenizer)
+        return TextTokenizer(_add_bert_post_processor(tokenizer))
     raise ValueError(f"unrecognised tokenizer file {path}: expected tokenizer.json or vocab.txt")

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
 
-from fastmlm.checkpoint import write_safetensors
+from fastmlm.checkpoint import read_safetensors, write_safetensors
 
 CHECKPOINTS = "checkpoints"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -201,9 +200,12 @@ def load_checkpoint_state(
     The model weights are loaded by the caller (MaskedLM.from_pretrained(directory)).
     """
     directory = Path(directory)
-    with (directory / STATE_FILE).open(encoding="utf-8") as f:
-        state = json.load(f)
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
+    try:
+        with (directory / STATE_FILE).open(encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{directory / STATE_FILE} is not valid JSON: {e}") from None
+    tensors = read_safetensors(str(directory / OPTIMIZER_FILE))
     load_optimizer_state(optimizer, tensors, state["optimizer"])
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     return state

@@ -77,6 +77,8 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int) -> Callable[[int], 
 def _prepare_run_dir(config: PretrainConfig, log: Callable[[str], None]) -> tuple[Path, Path | None]:
     """Create or check the run directory; return it and the checkpoint to resume from."""
     out = Path(config.out_dir)
+    if config.init is not None and not Path(config.init).is_dir():
+        raise FileNotFoundError(f"--init {config.init} is not a checkpoint directory")
     resume_from = checkpointing.latest_checkpoint(out)
     run_file = out / RUN_FILE
     if resume_from is not None and not config.resume:
@@ -149,17 +151,25 @@ def _prepare_data(config: PretrainConfig, tokenizer: TextTokenizer, out: Path,
 
 
 def _save_encoder(model, tokenizer: TextTokenizer, out: Path) -> Path:
-    """Drop the MLM head and write the encoder (and tokenizer) to out/encoder atomically."""
+    """Drop the MLM head and write the encoder (and tokenizer) to out/encoder.
+
+    Written whole under a temporary name, then renamed in; an earlier encoder/ is
+    renamed aside first and deleted last (a directory cannot be replaced by one
+    rename), so an interrupted save leaves a whole encoder under one of the names.
+    """
     final = out / ENCODER_DIR
     tmp = out / f".{ENCODER_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    old = out / f".{ENCODER_DIR}.old-{os.getpid()}"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         tmp.mkdir()
         model.drop_head().save_pretrained(tmp)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -221,9 +231,17 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
     session_started = window_started = time.perf_counter()
 
     def flush_losses() -> None:
+        """Read the pending losses (the window's one host sync); stop on a non-finite one,
+        before a log line or a checkpoint is made of a diverged model."""
         if pending_losses:
+            start = len(losses)
             losses.extend(torch.stack(pending_losses).float().tolist())
             pending_losses.clear()
+            bad = next((i for i in range(start, len(losses)) if not math.isfinite(losses[i])), None)
+            if bad is not None:
+                raise FloatingPointError(
+                    f"loss is {losses[bad]} at step {bad + 1}: training diverged (try a lower --learning-rate); "
+                    "checkpoints before it are intact")
 
     def save(step: int) -> None:
         flush_losses()
@@ -235,6 +253,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
     for step in range(start_step, end_step):
         batch = collate([packed[i] for i in sampler.batch_indices(step).tolist()])
         window_tokens += int(batch["attention_mask"].sum())  # host tensor: no sync
+        learning_rate = scheduler.get_last_lr()[0]  # this step's (step_fn advances the schedule)
         loss, grad_norm, num_targets = step_fn(step, batch)
         pending_losses.append(loss)
         window_targets.append(num_targets)
@@ -244,7 +263,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
             targets = int(torch.stack(window_targets).sum())
             seconds = max(time.perf_counter() - window_started, 1e-9)
             window_loss = sum(losses[window_first_step:done]) / (done - window_first_step)
-            log(f"step {done:>6}/{config.steps} | loss {window_loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e}"
+            log(f"step {done:>6}/{config.steps} | loss {window_loss:.4f} | lr {learning_rate:.2e}"
                 f" | grad norm {float(grad_norm):.2f} | {window_tokens / seconds:,.0f} tokens/s"
                 f" | {targets / seconds:,.0f} masked tokens/s")
             session_tokens += window_tokens

@@ -97,6 +97,23 @@ class PretrainConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.max_length < 5:  # [CLS] a [SEP] b [SEP]: checked before anything is written
             raise ValueError(f"max_length must be at least 5, got {self.max_length}")
+        # The optimiser's and the model's own checks would fire only after the run
+        # directory is written; AdamW takes eps = 0 and negative decay, and trains to NaN.
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two values in [0, 1), got {self.adam_betas}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.bucket_pool_batches < 0:
+            raise ValueError(f"bucket_pool_batches must be >= 0, got {self.bucket_pool_batches}")
+        if self.mask_capacity is not None and self.mask_capacity < 1:
+            raise ValueError(f"mask_capacity must be positive, got {self.mask_capacity}")
         self.adam_betas = tuple(self.adam_betas)
         corpus = [self.corpus] if isinstance(self.corpus, (str, os.PathLike)) else self.corpus
         self.corpus = [str(p) for p in corpus]

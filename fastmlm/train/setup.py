@@ -40,7 +40,10 @@ def build_model(config: "PretrainConfig", tokenizer: TextTokenizer, resume_from:
     options = {"last_layer_subset": config.last_layer_subset and config.objective == "mlm",
                "mask_capacity": config.mask_capacity, "objective": config.objective}
     if resume_from is not None or config.init is not None:
-        model = MaskedLM.from_pretrained(resume_from or config.init, **options)
+        # A checkpoint without an MLM head (BertModel) gets a fresh one: from the run seed too.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(config.seed, "init"))
+            model = MaskedLM.from_pretrained(resume_from or config.init, **options)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
                              f"{model.config.vocab_size}: use the checkpoint's own tokenizer")
@@ -104,10 +107,11 @@ def training_step(model, optimizer, scheduler, config: "PretrainConfig", tokeniz
         # Dropout draws from torch's generators: reseed them per step so a resumed
         # run drops exactly what an uninterrupted one would have.
         torch.manual_seed(derive_seed(config.seed, "dropout", step))
-        # The data pipeline guarantees ids, types and masks in range: on a GPU, skip
-        # the checks that would read device memory (a host sync) every step.
-        checks_off = no_value_checks() if device.type == "cuda" else contextlib.nullcontext()
-        with checks_off:
+        # The data pipeline guarantees ids, types and masks in range, so the value checks
+        # are off on every device: on a GPU each would read device memory (a host sync)
+        # every step, and with --mask-capacity they would refuse a batch with more masked
+        # rows than the capacity, which training drops instead (as the option says).
+        with no_value_checks():
             input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
             if config.objective == "mlm":
                 input_ids, labels = mask_tokens(

