@@ -249,6 +249,7 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
             out, step, save_model=model.save_pretrained, optimizer=optimizer, scheduler=scheduler,
             extra_state={"losses": losses}, keep_last=config.keep_checkpoints)
 
+    target_kind = "masked" if config.objective == "mlm" else "predicted"
     model.train()
     for step in range(start_step, end_step):
         batch = collate([packed[i] for i in sampler.batch_indices(step).tolist()])
@@ -260,12 +261,16 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
         done = step + 1
         if done % config.log_every == 0 or done == end_step:
             flush_losses()
-            targets = int(torch.stack(window_targets).sum())
+            counts = torch.stack(window_targets).tolist()
+            targets = sum(counts)
             seconds = max(time.perf_counter() - window_started, 1e-9)
-            window_loss = sum(losses[window_first_step:done]) / (done - window_first_step)
+            # Per target token over the window: a step with few (or no) targets weighs little.
+            window_losses = losses[window_first_step:done]
+            window_loss = (sum(l * n for l, n in zip(window_losses, counts)) / targets if targets
+                           else sum(window_losses) / len(window_losses))
             log(f"step {done:>6}/{config.steps} | loss {window_loss:.4f} | lr {learning_rate:.2e}"
                 f" | grad norm {float(grad_norm):.2f} | {window_tokens / seconds:,.0f} tokens/s"
-                f" | {targets / seconds:,.0f} masked tokens/s")
+                f" | {targets / seconds:,.0f} {target_kind} tokens/s")
             session_tokens += window_tokens
             session_targets += targets
             window_targets.clear()
@@ -288,6 +293,6 @@ def _pretrain(config: PretrainConfig, device: torch.device, log: Callable[[str],
         masked_tokens_per_s=session_targets / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed)
     log(f"done: step {end_step}/{config.steps}, loss {result.initial_loss:.3f} (first {window} steps) -> "
         f"{result.final_loss:.3f} (last {window}), {result.tokens_per_s:,.0f} tokens/s, "
-        f"{result.masked_tokens_per_s:,.0f} masked tokens/s, {elapsed:.1f} s"
+        f"{result.masked_tokens_per_s:,.0f} {target_kind} tokens/s, {elapsed:.1f} s"
         + (f"; encoder saved to {encoder_dir}" if encoder_dir else f"; resume with --resume --out {out}"))
     return result
