@@ -281,7 +281,9 @@ def load_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = t
     state = read_weights(directory)
     model = cls(config, **kwargs)
     encoder = model.encoder if _is_masked_lm(model) else model
-    if encoder.pooler is None and any(k.endswith("pooler.dense.weight") for k in state):
+    if kwargs.get("pooler") is False:  # asked for no pooler: the checkpoint's is left out
+        state = {k: v for k, v in state.items() if ".pooler." not in f".{k}"}
+    elif encoder.pooler is None and any(k.endswith("pooler.dense.weight") for k in state):
         from fastmlm.model.encoder import Pooler  # the model package imports this module
         encoder.pooler = Pooler(config)
         if _is_masked_lm(model):

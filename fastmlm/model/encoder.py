@@ -131,5 +131,8 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                         **kwargs) -> "Encoder":
-        """Load a BertModel-style checkpoint (or the encoder of a BertForMaskedLM one)."""
+        """Load a BertModel-style checkpoint (or the encoder of a BertForMaskedLM one).
+
+        The checkpoint's pooler is kept (classifiers use it) unless `pooler=False` is passed.
+        """
         return checkpoint.load_pretrained(cls, directory, dtype=dtype, **kwargs)

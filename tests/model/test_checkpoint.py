@@ -119,6 +119,7 @@ def test_bert_for_pretraining_checkpoint_keeps_the_pooler(tmp_path):
     encoder = Encoder.from_pretrained(tmp_path)
     assert torch.equal(encoder.pooler.dense.bias, hf.bert.pooler.dense.bias)
     assert all(p.requires_grad for p in encoder.pooler.parameters())
+    assert Encoder.from_pretrained(tmp_path, pooler=False).pooler is None  # asked for none
 
 
 def test_a_classifier_on_a_masked_lms_encoder_trains_its_pooler(tmp_path):
