@@ -40,6 +40,8 @@ class EncoderConfig:
     pad_token_id: Optional[int] = 0  # None: no padding row in the word embeddings (HF's null)
     hidden_act: str = "gelu"
     initializer_range: float = 0.02
+    # Dropout before the classifiers' output layer; None: hidden_dropout (as HF's BertFor*Classification).
+    classifier_dropout: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -50,7 +52,9 @@ class EncoderConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        for name in ("hidden_dropout", "attention_dropout"):
+        for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            if name == "classifier_dropout" and self.classifier_dropout is None:
+                continue
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"EncoderConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not self.layer_norm_eps > 0:

@@ -52,6 +52,8 @@ def _check_head_args(encoder, num_labels, classifier_dropout) -> float:
         raise TypeError(f"encoder must be a fastmlm Encoder, got {type(encoder).__name__}{hint}")
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
+    if classifier_dropout is None:  # the config's, as HF's classification heads read it
+        classifier_dropout = encoder.config.classifier_dropout
     p = encoder.config.hidden_dropout if classifier_dropout is None else classifier_dropout
     if not 0.0 <= p < 1.0:
         raise ValueError(f"classifier_dropout must be in [0, 1), got {p!r}")
@@ -102,7 +104,8 @@ class SequenceClassifier(nn.Module):
     def __init__(self, encoder: Encoder, num_labels: int, pooling: str = "cls", *,
                  classifier_dropout: Optional[float] = None):
         """pooling="cls": the [CLS] (first) token, through BERT's pooler (dense + tanh) when the
-        encoder has one; "mean": the mean over real tokens. Dropout defaults to hidden_dropout."""
+        encoder has one; "mean": the mean over real tokens. Dropout defaults to the config's
+        classifier_dropout, else its hidden_dropout (as HuggingFace's heads)."""
         super().__init__()
         self.dropout = _check_head_args(encoder, num_labels, classifier_dropout)
         if pooling not in POOLINGS:

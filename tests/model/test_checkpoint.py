@@ -163,6 +163,19 @@ def test_config_round_trip_and_bert_config():
             EncoderConfig.from_hf({**config.to_hf(), **bad})
 
 
+def test_classifier_dropout_comes_from_the_config_as_in_hf():
+    from fastmlm import SequenceClassifier, TokenClassifier
+
+    config = dataclasses.replace(tiny_config(27), hidden_dropout=0.1)
+    assert SequenceClassifier(Encoder(config), 2).dropout == 0.1  # none set: hidden_dropout
+    with_own = EncoderConfig.from_hf({**config.to_hf(), "classifier_dropout": 0.3})
+    assert with_own.classifier_dropout == 0.3 and EncoderConfig.from_hf(with_own.to_hf()) == with_own
+    assert TokenClassifier(Encoder(with_own), 2).dropout == 0.3
+    assert SequenceClassifier(Encoder(with_own), 2, classifier_dropout=0.0).dropout == 0.0  # the argument wins
+    with pytest.raises(ValueError, match="classifier_dropout"):
+        dataclasses.replace(config, classifier_dropout=1.0)
+
+
 def test_null_pad_token_id_means_no_padding_row(tmp_path):
     # HF reads "pad_token_id": null as no padding_idx: token 0's embedding trains like any other.
     config = tiny_config(26)
