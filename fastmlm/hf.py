@@ -56,7 +56,7 @@ from fastmlm.model.inputs import check_encoder_inputs
 from fastmlm.model.layer import dropout_seed
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, unpad
 from fastmlm.ops import attention, gather_rows, masked_positions, mlm_cross_entropy, mlm_head
-from fastmlm.ops.checks import no_value_checks, value_checks_enabled
+from fastmlm.ops.checks import check_index_range, no_value_checks, value_checks_enabled
 
 _MARK = "_fastmlm_patch"
 # Keyword arguments HuggingFace's BERT accepts and ignores; ignoring them here changes nothing.
@@ -167,10 +167,19 @@ def _pack(bert, patch: _Patch, input_ids, attention_mask, token_type_ids, positi
         raise ValueError("fastmlm.patch_hf: input_ids are required (inputs_embeds is not supported)")
     input_ids, attention_mask, token_type_ids, _ = check_encoder_inputs(
         config, input_ids, attention_mask, token_type_ids, None, None, labels, None)
+    if position_ids is not None:  # checked before anything runs, as the other inputs
+        if (not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in (torch.int32, torch.int64)
+                or position_ids.dim() not in (1, 2) or position_ids.shape[-1] != input_ids.shape[1]
+                or (position_ids.dim() == 2 and position_ids.shape[0] not in (1, input_ids.shape[0]))):
+            raise ValueError(f"position_ids must be an int32/int64 [batch, seq] or [seq] tensor matching input_ids "
+                             f"{tuple(input_ids.shape)}, got {getattr(position_ids, 'dtype', type(position_ids))} "
+                             f"{tuple(getattr(position_ids, 'shape', ()))}")
+        if position_ids.device != input_ids.device:
+            raise ValueError(f"position_ids is on {position_ids.device} but input_ids is on {input_ids.device}")
+        check_index_range("position_ids", position_ids, config.max_position_embeddings,
+                          what="position embeddings")
     batch = unpad(input_ids, attention_mask, token_type_ids)
     if position_ids is not None:
-        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() not in (1, 2):
-            raise ValueError("position_ids must be a [batch, seq] or [seq] tensor")
         batch.position_ids = position_ids.expand(input_ids.shape).reshape(-1)[batch.index]
     return batch
 

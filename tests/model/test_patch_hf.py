@@ -190,6 +190,12 @@ def test_inner_bert_model_is_patched_too():
     actual = model.bert(ids, mask, types, positions).last_hidden_state
     expected = reference.bert(ids, mask, types, positions).last_hidden_state
     assert relative_error(actual[real], expected[real]) < PARITY_TOLERANCE
+    # Bad position_ids are refused before anything runs.
+    for bad, error, message in ((positions + config.max_position_embeddings, IndexError, "position_ids contains"),
+                                (positions.float(), ValueError, "int32/int64"),
+                                (positions[:, :5], ValueError, "matching input_ids")):
+        with pytest.raises(error, match=message):
+            model.bert(ids, mask, types, bad)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
