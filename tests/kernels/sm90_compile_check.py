@@ -10,12 +10,15 @@ kernels are not loaded or launched. Run in a fresh process without
 TRITON_INTERPRET (tests/kernels/test_triton_sm90_compile.py).
 
 Prints one line per compiled kernel specialisation:
-    compiled <name> <dtypes> shared=<bytes> atomics=<n> ordered_atomics=<n> head_offsets_i32=<n> stack=<bytes or ?>
+    compiled <name> <dtypes> shared=<bytes> atomics=<n> ordered_atomics=<n> head_offsets_i32=<n>
+             wide_rows=<0|1> tile_offsets_i32=<n> stack=<bytes or ?>
 shared: the dynamic shared memory a launch asks for; atomics: atomic adds in
 the PTX, ordered_atomics those that are not relaxed (Triton's default acq_rel
 puts a GPU-wide fence and a cache invalidate around each); head_offsets_i32:
 head index x stride products left in int32 (they wrap for head-major views of
-over 2**31 elements); stack: per-thread
+over 2**31 elements); wide_rows: the attention variant with int64 row offsets
+(offsets.py), tile_offsets_i32: [rows x 1] index x stride products in int32
+(none in that variant); stack: per-thread
 local memory from the bundled cuobjdump, non-zero when registers spill.
 Exits non-zero on a compile error.
 """
@@ -115,6 +118,15 @@ for dtype, dim, causal, dropout_p in [(torch.bfloat16, 64, c, p) for c in (False
     attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu, 100, 100, causal=causal,
                                  softmax_scale=dim ** -0.5, dropout_p=dropout_p, seed=seed)
 
+# The variant compiled for sequences whose row offsets pass 2**31 (forced here on small ones).
+_offsets_need_int64 = attention.offsets_need_int64
+attention.offsets_need_int64 = lambda terms: True
+out, lse = attention.attention_forward(q, k, v, cu, cu, 100, 100, causal=True, softmax_scale=0.125, dropout_p=0.1,
+                                       seed=seed)
+attention.attention_backward(torch.randn_like(q), q, k, v, out, lse, cu, cu, 100, 100, causal=True,
+                             softmax_scale=0.125, dropout_p=0.1, seed=seed)
+attention.offsets_need_int64 = _offsets_need_int64
+
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -135,6 +147,11 @@ for (name, _), kernel in sorted(compiled.items(), key=lambda item: item[0]):
     atomics = re.findall(r"\b(?:atom|red)\.[\w.]+", kernel.asm["ptx"])
     ordered = [op for op in atomics if ".relaxed." not in op]
     head_offsets_i32 = re.findall(r"arith\.muli %head\w*, %stride\w* : i32", kernel.asm["ttir"])
+    # Tile offsets times a runtime stride, computed in int32 (the WIDE_ROWS variant has none).
+    tile_offsets_i32 = re.findall(r"arith\.muli %\w+, %\w+ : tensor<\d+x1xi32>", kernel.asm["ttir"])
+    constants = {kernel.src.fn.arg_names[key[0]]: value for key, value in kernel.src.constants.items()}
     print(f"compiled {name} {dtypes} shared={kernel.metadata.shared} atomics={len(atomics)} "
-          f"ordered_atomics={len(ordered)} head_offsets_i32={len(head_offsets_i32)} stack={stack_bytes(kernel)}")
+          f"ordered_atomics={len(ordered)} head_offsets_i32={len(head_offsets_i32)} "
+          f"wide_rows={int(bool(constants.get('WIDE_ROWS')))} tile_offsets_i32={len(tile_offsets_i32)} "
+          f"stack={stack_bytes(kernel)}")
 sys.exit(0 if compiled else 1)

@@ -233,6 +233,23 @@ def test_fused_qkv_views_bf16(causal, monkeypatch):
                             causal=causal, dropout_p=0.1, fused=True, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_int64_row_offsets_variant(causal, monkeypatch):
+    # The variant compiled for sequences whose row x stride passes 2**31, forced on small ones.
+    monkeypatch.setattr(triton_attention, "offsets_need_int64", lambda terms: True)
+    check_against_reference(LENGTHS_Q, LENGTHS_K, heads=2, head_dim=16, dtype=torch.float32,
+                            causal=causal, dropout_p=0.2)
+
+
+def test_int64_row_offsets_chosen_where_int32_would_wrap():
+    rows = torch.empty(1, 16, 128, device="meta")  # row stride 2048
+    fused = torch.empty(1, 3, 16, 128, device="meta")[:, 0]  # row stride 6144
+    wide = triton_attention._wide_rows
+    # (L - 1) * 2048 + 127 reaches 2**31 from L = 1,048,577 (one sequence of a million tokens).
+    assert not wide(1_048_576, 512, (rows,), (rows,)) and wide(1_048_577, 512, (rows,), (rows,))
+    assert not wide(512, 349_526, (rows,), (fused,)) and wide(512, 349_527, (rows,), (fused,))
+
+
 @pytest.mark.parametrize("config, causal", [
     ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}, True),
     ({"BLOCK_M": 32, "BLOCK_N": 16, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32}}, True),

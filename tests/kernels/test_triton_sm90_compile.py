@@ -42,6 +42,10 @@ def test_triton_kernels_compile_for_sm90_within_its_limits():
     # head * stride in int32 wraps once a head-major q/k/v view spans 2**31 elements.
     wrapping = [(name, dtypes) for name, dtypes, f in kernels if int(f["head_offsets_i32"])]
     assert not wrapping, f"int32 head offsets: {wrapping}"
+    # The variant for sequences whose row x stride passes 2**31 has every row offset in int64.
+    wide = {name: int(f["tile_offsets_i32"]) for name, _, f in kernels if f["wide_rows"] == "1"}
+    assert set(wide) == {"attention_forward_kernel", "attention_backward_dkdv_kernel",
+                         "attention_backward_dq_kernel"} and not any(wide.values()), wide
     # The MLM head's kernels at their bf16/fp16 configs keep everything in registers
     # (_ce_backward_dweight_kernel sits at 254 of 255): a spill here is a regression.
     spilled = [(name, dtypes, f["stack"]) for name, dtypes, f in kernels

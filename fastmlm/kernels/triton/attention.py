@@ -28,6 +28,7 @@ from fastmlm.kernels.triton.attention_bwd import (
 )
 from fastmlm.kernels.triton.attention_fwd import attention_forward_kernel
 from fastmlm.kernels.triton.launch_device import on_input_device
+from fastmlm.kernels.triton.offsets import offsets_need_int64
 from fastmlm.reference.random import seed_tensor, threshold24
 
 LOG2E = 1.4426950408889634
@@ -165,6 +166,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _wide_rows(max_seqlen_q: int, max_seqlen_k: int, query_side, key_side) -> bool:
+    """Whether a row offset within a sequence (row x row stride + feature x feature stride)
+    can reach 2**31 in any of these [tokens, heads, D] tensors: the kernels then compute
+    those offsets in int64 (a compiled variant of its own; offsets.py)."""
+    return any(offsets_need_int64([(rows, t.stride(0)), (t.shape[2], t.stride(2))])
+               for rows, tensors in ((max_seqlen_q, query_side), (max_seqlen_k, key_side)) for t in tensors)
+
+
 def _dot_precision(dtype: torch.dtype):
     # fp32 inputs are for testing: full fp32 products, not TF32.
     return "ieee" if dtype == torch.float32 else None
@@ -200,7 +209,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, ma
         float(softmax_scale) * LOG2E, dropout_scale, seed_pointer, drop_threshold,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], CAUSAL=bool(causal), DROPOUT=enabled,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DOT_PRECISION=_dot_precision(q.dtype), WIDE_ROWS=_wide_rows(max_seqlen_q, max_seqlen_k, (q, out), (k, v)),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
 
 
@@ -237,7 +247,8 @@ def attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     block_d = _block_d(head_dim)
     enabled, dropout_scale, seed_pointer, drop_threshold = _dropout_args(dropout_p, seed, cu_seqlens_q)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=bool(causal), DROPOUT=enabled,
-                  DOT_PRECISION=_dot_precision(q.dtype))
+                  DOT_PRECISION=_dot_precision(q.dtype),
+                  WIDE_ROWS=_wide_rows(max_seqlen_q, max_seqlen_k, (q, grad_out, dq), (k, v, dk, dv)))
     scalars = (float(softmax_scale), float(softmax_scale) * LOG2E, dropout_scale, seed_pointer, drop_threshold)
 
     delta = torch.empty((heads, num_q), dtype=torch.float32, device=q.device)

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from fastmlm.kernels.triton.attention_fwd import STREAM_DROPOUT
+from fastmlm.kernels.triton.offsets import widen
 from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask, load_seed_words
 
 LOG2E = tl.constexpr(1.4426950408889634)  # constexpr: jitted code may only read such globals
@@ -92,6 +93,7 @@ def _dkdv_query_block(
     stride_q_t, stride_q_d, stride_do_t, stride_do_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     """Add query rows [m0, m0 + BLOCK_M) to dK, dV of one key block.
 
@@ -99,7 +101,7 @@ def _dkdv_query_block(
     left operand of every product. `MASKED=False` only where all rows and keys
     exist and every query sees every key.
     """
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = widen(m0 + tl.arange(0, BLOCK_M), WIDE_ROWS)
     q = _load_rows(q_base, offs_m, offs_d, q_len, stride_q_t, stride_q_d, HEAD_DIM, BLOCK_D, MASKED)
     do = _load_rows(do_base, offs_m, offs_d, q_len, stride_do_t, stride_do_d, HEAD_DIM, BLOCK_D, MASKED)
     lse, delta = _load_row_stats(lse_base, delta_base, offs_m, q_len, MASKED)
@@ -139,7 +141,7 @@ def attention_backward_dkdv_kernel(
     stride_lse_h, stride_delta_h,
     softmax_scale, softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """dK and dV for BLOCK_N key rows of one sequence and one head.
 
@@ -160,7 +162,7 @@ def attention_backward_dkdv_kernel(
     q_start = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
 
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n = widen(n0 + tl.arange(0, BLOCK_N), WIDE_ROWS)  # int64 when rows x stride can pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
     k_base = K + k_start.to(tl.int64) * stride_k_t + head.to(tl.int64) * stride_k_h
     v_base = V + k_start.to(tl.int64) * stride_v_t + head.to(tl.int64) * stride_v_h
@@ -201,19 +203,19 @@ def attention_backward_dkdv_kernel(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, offs_n, offs_d,
             q_len, k_len, diag_offset, q_start, k_rows_u32, prefix, drop_threshold,
             softmax_scale_log2, dropout_scale, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PRECISION, WIDE_ROWS)
     for m0 in range(m_after, m_full_end, BLOCK_M):
         dk, dv = _dkdv_query_block(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, offs_n, offs_d,
             q_len, k_len, diag_offset, q_start, k_rows_u32, prefix, drop_threshold,
             softmax_scale_log2, dropout_scale, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, CAUSAL, DROPOUT, DOT_PRECISION, WIDE_ROWS)
     for m0 in range(m_full_end, q_len, BLOCK_M):
         dk, dv = _dkdv_query_block(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, offs_n, offs_d,
             q_len, k_len, diag_offset, q_start, k_rows_u32, prefix, drop_threshold,
             softmax_scale_log2, dropout_scale, stride_q_t, stride_q_d, stride_do_t, stride_do_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PRECISION, WIDE_ROWS)
 
     dk = dk * softmax_scale
     store_mask = (offs_n < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -231,10 +233,10 @@ def _dq_key_block(
     k_start, row_hash, drop_threshold, softmax_scale_log2, dropout_scale,
     stride_k_t, stride_k_d, stride_v_t, stride_v_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """Add keys [n0, n0 + BLOCK_N) to dQ of one query tile."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n = widen(n0 + tl.arange(0, BLOCK_N), WIDE_ROWS)
     k = _load_rows(k_base, offs_n, offs_d, k_len, stride_k_t, stride_k_d, HEAD_DIM, BLOCK_D, MASKED)
     v = _load_rows(v_base, offs_n, offs_d, k_len, stride_v_t, stride_v_d, HEAD_DIM, BLOCK_D, MASKED)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * softmax_scale_log2
@@ -263,7 +265,7 @@ def attention_backward_dq_kernel(
     stride_lse_h, stride_delta_h,
     softmax_scale, softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """dQ for BLOCK_M query rows of one sequence and one head.
 
@@ -282,7 +284,7 @@ def attention_backward_dq_kernel(
     k_start = tl.load(cu_seqlens_k + seq)
     k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m = widen(m0 + tl.arange(0, BLOCK_M), WIDE_ROWS)  # int64 when rows x stride can pass 2**31
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + q_start.to(tl.int64) * stride_q_t + head.to(tl.int64) * stride_q_h
     do_base = GradOut + q_start.to(tl.int64) * stride_do_t + head.to(tl.int64) * stride_do_h
@@ -315,13 +317,13 @@ def attention_backward_dq_kernel(
             dq, q, do, lse, delta, k_base, v_base, n0, offs_m, offs_d, k_len, diag_offset,
             k_start, row_hash, drop_threshold, softmax_scale_log2, dropout_scale,
             stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PRECISION, WIDE_ROWS)
     for n0 in range(n_full, n_end, BLOCK_N):
         dq = _dq_key_block(
             dq, q, do, lse, delta, k_base, v_base, n0, offs_m, offs_d, k_len, diag_offset,
             k_start, row_hash, drop_threshold, softmax_scale_log2, dropout_scale,
             stride_k_t, stride_k_d, stride_v_t, stride_v_d,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION)
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PRECISION, WIDE_ROWS)
 
     dq = dq * softmax_scale
     dq_ptrs = (GradQ + q_start.to(tl.int64) * stride_dq_t + head.to(tl.int64) * stride_dq_h

@@ -18,6 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastmlm.kernels.triton.offsets import widen
 from fastmlm.kernels.triton.random import counter_hash_prefix, fmix32, keep_mask, load_seed_words
 
 # constexpr: jitted code may only read globals declared so.
@@ -95,7 +96,7 @@ def attention_forward_kernel(
     stride_lse_h,
     softmax_scale_log2, dropout_scale, Seed, drop_threshold,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDE_ROWS: tl.constexpr,
 ):
     """Attention forward for BLOCK_M query rows of one sequence and one head.
 
@@ -111,6 +112,7 @@ def attention_forward_kernel(
     HEAD_DIM: D; BLOCK_D: next power of two >= D (extra features masked).
     BLOCK_M/BLOCK_N: query/key rows per tile. CAUSAL, DROPOUT: compile-time
     switches. DOT_PRECISION: tl.dot input precision ("ieee" for fp32 inputs).
+    WIDE_ROWS: row offsets in int64 (set when row x row stride can reach 2**31).
     """
     block_m = tl.program_id(0)
     seq = tl.program_id(1)
@@ -123,8 +125,9 @@ def attention_forward_kernel(
     k_start = tl.load(cu_seqlens_k + seq)
     k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    # Row offsets within the sequence, times a row stride: int64 where that can pass 2**31 (offsets.py).
+    offs_m = widen(m0 + tl.arange(0, BLOCK_M), WIDE_ROWS)
+    offs_n = widen(tl.arange(0, BLOCK_N), WIDE_ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < q_len
     d_in = offs_d < HEAD_DIM

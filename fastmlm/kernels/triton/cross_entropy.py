@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from fastmlm.kernels.triton.launch_device import on_input_device
+from fastmlm.kernels.triton.offsets import unit_column_stride
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # A fixed small config in the interpreter: every program instance costs milliseconds there.
@@ -401,6 +402,7 @@ def cross_entropy_forward(hidden, weight, bias, targets, *, ignore_index, label_
                           config=None):
     """Returns (row_loss fp32 [M], lse fp32 [M]) of docs/ops.md `mlm_cross_entropy`."""
     M, V, H = check_inputs(hidden, weight, bias, targets)
+    hidden, weight = unit_column_stride(hidden), unit_column_stride(weight)
     device = hidden.device
     row_loss = torch.full((M,), float("nan"), dtype=torch.float32, device=device)
     lse = torch.full((M,), float("nan"), dtype=torch.float32, device=device)
@@ -429,6 +431,7 @@ def cross_entropy_backward(grad_row_loss, hidden, weight, bias, targets, lse, *,
                            label_smoothing, z_loss, deterministic=False, config=None):
     """Returns (d_hidden, d_weight, d_bias or None) in the input dtype; see module docstring."""
     M, V, H = check_inputs(hidden, weight, bias, targets, lse, grad_row_loss)
+    hidden, weight = unit_column_stride(hidden), unit_column_stride(weight)
     device, dtype = hidden.device, hidden.dtype
     lse = lse.contiguous()
     if M == 0:

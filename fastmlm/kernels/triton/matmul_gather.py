@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from fastmlm.kernels.triton.cross_entropy import _INTERPRET
+from fastmlm.kernels.triton.offsets import unit_column_stride
 
 # tl.constexpr: compiled (not interpreted) kernels may read only constexpr globals.
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -154,6 +155,7 @@ def gather_linear_gelu(hidden_all, index, weight, bias):
     """(pre, act) [M, N] in hidden_all's dtype: pre = hidden_all[index] @ weight.T + bias."""
     M, N, K = index.shape[0], weight.shape[0], weight.shape[1]
     index, bias = index.contiguous(), bias.contiguous()  # the kernel reads vectors with unit stride
+    hidden_all, weight = unit_column_stride(hidden_all), unit_column_stride(weight)
     pre = torch.full((M, N), float("nan"), dtype=hidden_all.dtype, device=hidden_all.device)
     act = torch.full_like(pre, float("nan"))
     if M == 0:
@@ -171,6 +173,7 @@ def gather_linear_weight_grad(d_pre, hidden_all, index):
     """(d_weight [N, K], d_bias [N]) in hidden_all's dtype; d_pre contiguous [M, N]."""
     M, N = d_pre.shape
     index = index.contiguous()  # read with unit stride
+    hidden_all = unit_column_stride(hidden_all)
     K = hidden_all.shape[1]
     device = hidden_all.device
     d_weight = torch.full((N, K), float("nan"), dtype=torch.float32, device=device)
@@ -194,6 +197,7 @@ def linear_input_grad_scatter(d_pre, weight, index, num_rows, *, deterministic):
     K = weight.shape[1]
     device, dtype = weight.device, weight.dtype
     index = index.contiguous()  # read with unit stride
+    weight = unit_column_stride(weight)
     if M == 0:
         return torch.zeros((num_rows, K), dtype=dtype, device=device)
     cfg = _blocks(device)
