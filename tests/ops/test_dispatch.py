@@ -209,6 +209,13 @@ def test_the_gpu_judged_is_the_one_the_tensors_are_on(cuda_build):
     _ext.require(on_h100[0].device)  # the adapters' own check agrees with the dispatcher's
     with pytest.raises(RuntimeError, match="7.5"):
         _ext.require(on_t4[0].device)
+    # The cross-entropy adapter's check, too (it asked about the current GPU).
+    from fastmlm.kernels.compiled import cross_entropy
+
+    with FakeTensorMode():
+        hidden, weight = torch.empty(3, 8, device="cuda:1"), torch.empty(20, 8, device="cuda:1")
+        targets = torch.zeros(3, dtype=torch.int64, device="cuda:1")
+    cross_entropy._check_common(hidden, weight, None, targets, 0.0, None)
 
 
 @pytest.mark.parametrize("count, message", [

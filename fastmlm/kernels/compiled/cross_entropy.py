@@ -234,7 +234,7 @@ def _check_common(hidden, weight, bias, targets, label_smoothing, chunk_size):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    reason = available(hidden.device.type)
+    reason = available(hidden.device.type, hidden.device if hidden.device.type == "cuda" else None)
     if reason is not None:
         raise RuntimeError(reason)
 
