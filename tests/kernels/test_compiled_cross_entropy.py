@@ -217,6 +217,16 @@ def test_fp32_out_mode_on_cpu(dtype, monkeypatch):
     run_and_compare(*inputs, tol=TOLERANCE[dtype], chunk_size=64, mode="fp32_out", label_smoothing=0.1, z_loss=1e-3)
 
 
+def test_first_call_probe_refuses_cuda_graph_capture(monkeypatch):
+    # Probing torch.mm(out_dtype=...) inside a capture would record it in the graph (and a
+    # failure would invalidate the capture): the warm-up step must answer it first.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ce._has_fp32_out_matmul.cache_clear()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        ce._has_fp32_out_matmul(torch.device("cuda"), torch.bfloat16)
+    ce._has_fp32_out_matmul.cache_clear()
+
+
 @pytest.mark.parametrize("grad_dtype", [torch.float16, torch.bfloat16])
 def test_backward_narrowing_in_place_is_exact(grad_dtype):
     # fp32 logits, fp16/bf16 dz written into the same bytes (the CUDA fp32_out

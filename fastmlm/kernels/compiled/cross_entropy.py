@@ -107,7 +107,12 @@ def default_chunk_size(vocab_size: int, rows: int = 0, extra_bytes_per_column: i
 
 @functools.lru_cache(maxsize=None)
 def _has_fp32_out_matmul(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(out_dtype=torch.float32) works for `dtype` on `device`."""
+    """Whether torch.mm(out_dtype=torch.float32) works for `dtype` on `device` (asked once)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # The probe would be captured into the graph, and a failure there would
+        # invalidate the capture; the warm-up step CUDA graphs need answers it first.
+        raise RuntimeError("the cuda cross-entropy's first fp16/bf16 call is being captured in a CUDA graph: "
+                           "run one step eagerly before capturing (the usual warm-up)")
     try:
         a = torch.zeros(2, 2, dtype=dtype, device=device)
         torch.mm(a, a, out_dtype=torch.float32, out=torch.empty(2, 2, device=device))
