@@ -117,10 +117,12 @@ def mask_tokens(
 
     Of the eligible positions (not special, not padding), each is selected with
     probability `mlm_probability` (`budget="bernoulli"`) or exactly
-    round(p * n_eligible) per row are (`budget="exact"`). A selected position
+    floor(p * n_eligible + 0.5) per row are (`budget="exact"`). A selected position
     becomes `mask_token_id` (80%), a random id in [0, vocab_size) (10%) or stays
-    (10%); `labels` holds its original id, -100 elsewhere. A `generator` only draws
-    the seed; a CUDA one is read back to the host (one sync), an int `seed` is not.
+    (10%); `labels` holds its original id, -100 elsewhere. The same seed masks the
+    same positions: pass a new one (or a generator) each step. A `generator` only
+    draws the seed; a CUDA one is read back to the host (one sync), an int `seed` is
+    not (the eager range check of `input_ids` is, unless value checks are off).
     """
     check_tensor("input_ids", input_ids, ndim=(1, 2), dtypes=INDEX_DTYPES)
     if budget not in ("bernoulli", "exact"):

@@ -42,8 +42,8 @@ def check_single_backward(ctx, op: str) -> None:
     values. Grad mode is on inside a backward exactly when it creates a graph.
     """
     if torch.is_grad_enabled():
-        raise RuntimeError(f"{op} with reduction 'mean'/'sum' has no double backward (create_graph=True); "
-                           "use reduction='none' and reduce it yourself")
+        raise RuntimeError(f"{op} has no double backward (create_graph=True): no fastmlm op does; "
+                           "compute a loss that needs one in plain PyTorch")
     if ctx.used:
         raise RuntimeError(f"{op} with reduction 'mean'/'sum' supports one backward pass per forward "
                            "(retain_graph=True is not supported); use reduction='none' and reduce it yourself")
