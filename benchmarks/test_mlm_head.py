@@ -18,18 +18,20 @@ Variants (each validated before timing: loss and gradients against the gathered 
 Every variant uses `head.predictions.decoder.bias`, the bias HF's forward adds (in this
 transformers version it is not tied to `head.predictions.bias` outside a full model).
 bf16 on GPU, fp32 on CPU. `extra_info` holds, from one untimed step started with no
-gradients allocated:
-  * `extra_memory_bytes`: peak allocated during the step minus what was allocated before
+gradients allocated, computed from the allocator's events in time order with their addresses
+(tests/memory_timeline.py):
+  * `extra_memory_bytes`: peak allocated during the step beyond what was allocated before
     it (activations, logits, workspaces and the gradients);
   * `kept_memory_bytes`: what the step leaves allocated (the gradients and the loss);
-  * `transient_memory_bytes`: the difference, the memory a head + loss needs beyond its
-    inputs and results (what the "8x less extra memory" target compares: the decoder
-    weight's gradient, [V, H], is the same for every variant);
-  * `masked_rows`.
-GPU: torch.cuda memory statistics. CPU: every allocation and free torch's CPU allocator
-reports to the profiler (profile_memory=True), summed in time order; memory a compiled
-kernel allocates itself (none on the fp32 CPU path) is not seen. CPU rounds are few (a
-shared 2-core box).
+  * `transient_memory_bytes`: the most the step holds at any moment beyond the results it
+    has made so far, the memory a head + loss needs besides its inputs and results (what the
+    "8x less extra memory" target compares: the decoder weight's gradient, [V, H], is the
+    same for every variant);
+  * `memory_method`, `masked_rows`, `backend`, and the validation errors.
+GPU: the CUDA caching allocator's event history. CPU: every allocation and free torch's CPU
+allocator reports to the profiler (profile_memory=True), read from its trace; memory a
+compiled kernel allocates itself (none on the fp32 CPU path) is not seen. CPU rounds are few
+(a shared 2-core box).
 Run: python -m pytest benchmarks/test_mlm_head.py --benchmark-only
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ import importlib.util
 import pytest
 import torch
 import torch.nn as nn
+
+from tests.memory_timeline import cpu_timeline, memory_from_timeline
 
 BATCH, LENGTH, HIDDEN, VOCAB, MASK_P, IGNORE = 8, 128, 768, 30522, 0.15, -100
 CUDA = torch.cuda.is_available()
@@ -125,32 +129,41 @@ def _skip_reason(requirement):
     return None
 
 
+def _cuda_timeline(step):
+    """The step's CUDA caching-allocator events (torch.cuda.memory._record_memory_history)."""
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    try:
+        result = step()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    del result
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    return [(e["addr"], e["size"] if e["action"] == "alloc" else -e["size"])
+            for e in trace if e["action"] in ("alloc", "free_completed")]
+
+
 def measure_memory(step):
-    """(peak bytes allocated during `step()` beyond those allocated before it, bytes it leaves allocated)."""
-    if CUDA:
-        torch.cuda.synchronize()
+    """(peak, kept, transient, method) of one `step()`; see `memory_from_timeline`.
+
+    On a GPU the allocator's event history gives the timeline; should it be unavailable,
+    the peak and kept bytes come from the memory statistics and transient is peak - kept
+    (a lower bound where results are allocated after the peak), and `method` says so.
+    """
+    if not CUDA:
+        result, timeline = cpu_timeline(step)
+        del result
+        return (*memory_from_timeline(timeline), "cpu profiler timeline")
+    torch.cuda.synchronize()
+    try:
+        return (*memory_from_timeline(_cuda_timeline(step)), "cuda allocator history")
+    except (RuntimeError, AttributeError, KeyError) as exc:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         result = step()
-        peak, after = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-        del result  # the loss counts as kept, like the gradients
-        return peak - before, after - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = step()
-    del result
-    # Allocation events carry +bytes, frees -bytes; frees of memory allocated before the
-    # profile started only lower the running sum, so its maximum is the step's peak.
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    if not events:
-        raise RuntimeError("the profiler recorded no CPU memory events")
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak, current
+        peak, after = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+        del result
+        return peak, after, peak - after, f"cuda statistics, peak - kept ({type(exc).__name__}: {exc})"
 
 
 def validation_errors(loss, head, hidden_all, labels, index) -> dict[str, float]:
@@ -210,11 +223,11 @@ def test_mlm_head_forward_backward(benchmark, variant):
 
     for p in list(head.parameters()) + [hidden_all]:
         p.grad = None
-    extra, kept = measure_memory(step)
+    extra, kept, transient, memory_method = measure_memory(step)
     benchmark.extra_info.update(variant=variant, device=DEVICE, dtype=str(DTYPE), masked_rows=int(index.numel()),
                                 backend=served_by(variant, head, hidden_all, labels, index),
                                 **{f"error_{name}": value for name, value in errors.items()},
                                 extra_memory_bytes=extra, kept_memory_bytes=kept,
-                                transient_memory_bytes=extra - kept)
+                                transient_memory_bytes=transient, memory_method=memory_method)
     rounds, warmup = (30, 3) if CUDA else (5, 1)
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
