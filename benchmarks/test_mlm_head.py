@@ -131,14 +131,17 @@ def _skip_reason(requirement):
 
 def _cuda_timeline(step):
     """The step's CUDA caching-allocator events (torch.cuda.memory._record_memory_history)."""
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    # No stack traces: they are not needed here and would slow every allocation.
+    device = torch.cuda.current_device()
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", max_entries=1_000_000)
     try:
+        # The history may hold an earlier variant's events (one process runs them all).
+        earlier = len(torch.cuda.memory._snapshot()["device_traces"][device])
         result = step()
-        snapshot = torch.cuda.memory._snapshot()
+        trace = torch.cuda.memory._snapshot()["device_traces"][device][earlier:]
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     del result
-    trace = snapshot["device_traces"][torch.cuda.current_device()]
     return [(e["addr"], e["size"] if e["action"] == "alloc" else -e["size"])
             for e in trace if e["action"] in ("alloc", "free_completed")]
 
@@ -157,7 +160,7 @@ def measure_memory(step):
     torch.cuda.synchronize()
     try:
         return (*memory_from_timeline(_cuda_timeline(step)), "cuda allocator history")
-    except (RuntimeError, AttributeError, KeyError) as exc:
+    except (RuntimeError, AttributeError, KeyError, TypeError) as exc:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         result = step()
