@@ -6,7 +6,8 @@ Variants (each validated before timing: loss and gradients against the gathered 
                   with the unmasked positions ignored (what HF's BertForMaskedLM does);
   * hf_gathered:  the same head on the gathered masked rows only;
   * fastmlm:      `fastmlm.ops.mlm_head` (Triton on GPU: gathered GEMM, LayerNorm kernel,
-                  streamed cross-entropy; on CPU whatever dispatch picks);
+                  streamed cross-entropy; on CPU whatever dispatch picks), with value checks
+                  off as MaskedLM runs it (on a GPU each check is a host sync);
   * fastmlm_deterministic (GPU): the same under `torch.use_deterministic_algorithms`;
   * liger (GPU):  HF's head transform on the gathered rows, then Liger-Kernel's
                   `LigerFusedLinearCrossEntropyLoss`;
@@ -80,12 +81,16 @@ def hf_gathered(head, hidden_all, labels, index):
 
 
 def fastmlm_head(head, hidden_all, labels, index):
+    from fastmlm.ops import no_value_checks
     from fastmlm.ops.mlm_head import mlm_head
 
     transform, decoder = head.predictions.transform, head.predictions.decoder
-    return mlm_head(hidden_all, index, transform.dense.weight, transform.dense.bias, transform.LayerNorm.weight,
-                    transform.LayerNorm.bias, decoder.weight, decoder.bias, labels[index],
-                    layer_norm_eps=transform.LayerNorm.eps, ignore_index=IGNORE)
+    # As MaskedLM runs it: its rows come from masked_positions and its labels were checked
+    # once, so the op's value checks (each a host sync on a GPU) are off.
+    with no_value_checks():
+        return mlm_head(hidden_all, index, transform.dense.weight, transform.dense.bias, transform.LayerNorm.weight,
+                        transform.LayerNorm.bias, decoder.weight, decoder.bias, labels[index],
+                        layer_norm_eps=transform.LayerNorm.eps, ignore_index=IGNORE)
 
 
 def fastmlm_deterministic(head, hidden_all, labels, index):
