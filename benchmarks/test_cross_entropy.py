@@ -8,7 +8,8 @@ Variants:
   * dense_all_positions (CPU, M = 150 only): the HuggingFace way, the dense
     loss over all 1024 positions of a batch of 8 x 128 with the unmasked ones
     ignored - the baseline fastmlm's CPU MLM-head target is stated against.
-GFLOP/s count 2*M*H*V per matmul actually run: 3 for dense (logits, d_hidden,
+Each variant's gradients are checked against the dense loss in fp32 before timing (errors in
+extra_info). GFLOP/s count 2*M*H*V per matmul actually run: 3 for dense (logits, d_hidden,
 d_weight), 4 for chunked (it recomputes the logits in backward). CPU rounds are
 few: M = 2000 is ~300 GFLOP per round.
 Run: python -m pytest benchmarks/test_cross_entropy.py --benchmark-only
@@ -56,10 +57,20 @@ def dense_step(hidden, weight, bias, targets):
 STEPS = {"chunked": chunked_step, "dense": dense_step, "dense_all_positions": dense_step}
 
 
+def validation_errors(gradients, hidden, weight, bias, targets) -> dict[str, float]:
+    """Relative errors of a variant's three gradients against the dense loss in fp32 on the same values."""
+    expected = dense_step(hidden.float(), weight.float(), bias.float(), targets)
+    return {name: float((got.float() - want).norm() / want.norm().clamp(min=1e-30))
+            for name, got, want in zip(("d_hidden", "d_weight", "d_bias"), gradients, expected)}
+
+
 def run(benchmark, device, dtype, rows, variant, rounds, warmup_rounds):
     total = ALL_POSITIONS if variant == "dense_all_positions" else rows
     problem = make_problem(rows, device, dtype, total)
     step = STEPS[variant]
+    # Checked before timing (and warming up): a gross error fails, every error is recorded.
+    errors = validation_errors(step(*problem), *problem)
+    assert max(errors.values()) <= (0.1 if dtype == torch.bfloat16 else 1e-3), f"{variant}: {errors}"
 
     def timed():
         step(*problem)
@@ -73,6 +84,7 @@ def run(benchmark, device, dtype, rows, variant, rounds, warmup_rounds):
         return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(rows=rows, rows_computed=total, gflop_per_s=flops / seconds / 1e9,
+                                **{f"error_{name}": value for name, value in errors.items()},
                                 peak_logit_bytes=(total * (ce.default_chunk_size(VOCAB, total) if variant == "chunked"
                                                            else VOCAB) * 4))
 
