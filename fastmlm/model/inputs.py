@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastmlm.config import EncoderConfig
-from fastmlm.ops.checks import value_checks_enabled
+from fastmlm.ops.checks import min_max, value_checks_enabled
 
 IGNORE_INDEX = -100
 
@@ -31,7 +31,7 @@ def _same_shape(name: str, t: torch.Tensor, input_ids: torch.Tensor) -> None:
 
 def _check_range(name: str, t: torch.Tensor, upper: int, what: str) -> None:
     if t.numel() and value_checks_enabled(t):
-        low, high = int(t.min()), int(t.max())
+        low, high = min_max(t)
         if low < 0 or high >= upper:
             bad = low if low < 0 else high
             raise ValueError(f"{name} contains {bad}, outside [0, {upper}) ({what})")
@@ -86,9 +86,13 @@ def check_encoder_inputs(config: EncoderConfig, input_ids, attention_mask, token
         _same_shape("labels", labels, input_ids)
         if labels.numel() and value_checks_enabled(labels):
             labelled = labels != IGNORE_INDEX
-            if ((labels < 0) | (labels >= config.vocab_size))[labelled].any():
+            outside = (labelled & ((labels < 0) | (labels >= config.vocab_size))).any()
+            at_padding = ((labelled & (attention_mask == 0)).any() if attention_mask is not None
+                          else torch.zeros_like(outside))
+            outside, at_padding = torch.stack([outside, at_padding]).tolist()  # one read (a GPU sync)
+            if outside:
                 raise ValueError(f"labels must be -100 or in [0, {config.vocab_size}) (the vocabulary)")
-            if attention_mask is not None and (labelled & (attention_mask == 0)).any():
+            if at_padding:
                 raise ValueError("labels name padding positions (attention_mask 0); set them to -100")
     if token_capacity is not None and cu_seqlens is None and value_checks_enabled(attention_mask):
         real = int((attention_mask != 0).sum())

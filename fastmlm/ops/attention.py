@@ -197,7 +197,8 @@ def attention(
     elif max_seqlen_k is None:
         raise ValueError("cu_seqlens_k needs max_seqlen_k")
     _check_cu_seqlens("cu_seqlens", cu_seqlens, q.shape[0], max_seqlen)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if cu_seqlens_k is not cu_seqlens or max_seqlen_k != max_seqlen or k.shape[0] != q.shape[0]:
+        _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)  # else just checked
     if cu_seqlens_k.shape != cu_seqlens.shape:
         raise ValueError(f"cu_seqlens has {cu_seqlens.shape[0]} entries, cu_seqlens_k {cu_seqlens_k.shape[0]}")
     check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k)

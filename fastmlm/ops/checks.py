@@ -64,11 +64,17 @@ def check_same_device(**tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
 
+def min_max(t: torch.Tensor) -> tuple[int, int]:
+    """The smallest and largest entries of a non-empty integer tensor, in one device read
+    (on a GPU each read is a host synchronisation: min() and max() apart would be two)."""
+    return tuple(torch.stack(torch.aminmax(t)).tolist())
+
+
 def check_index_range(name: str, index: torch.Tensor, upper: int, *, what: str = "rows") -> None:
     """Raise if any entry of `index` lies outside [0, upper) (value check)."""
     if index.numel() == 0 or not value_checks_enabled(index):
         return
-    low, high = int(index.min()), int(index.max())
+    low, high = min_max(index)
     if low < 0 or high >= upper:
         bad = low if low < 0 else high
         raise IndexError(f"{name} contains {bad}, outside [0, {upper}) ({upper} {what})")

@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from fastmlm.ops.checks import INDEX_DTYPES, check_int, check_same_device, check_tensor, value_checks_enabled
+from fastmlm.ops.checks import (INDEX_DTYPES, check_int, check_same_device, check_tensor, min_max,
+                                value_checks_enabled)
 from fastmlm.ops.dispatch import Backend, BackendTable, call_device, compiled_why_not
 from fastmlm.reference import masking as reference
 
@@ -147,8 +148,10 @@ def mask_tokens(
             mask = mask.unsqueeze(0) if squeeze else mask
         masks[name] = mask
     check_same_device(input_ids=input_ids, **masks)
-    if value_checks_enabled(ids) and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise IndexError(f"input_ids has values outside the vocabulary [0, {vocab_size})")
+    if value_checks_enabled(ids) and ids.numel():
+        low, high = min_max(ids)
+        if low < 0 or high >= vocab_size:
+            raise IndexError(f"input_ids has values outside the vocabulary [0, {vocab_size})")
     masked, labels = _mask_tokens_op(ids, masks["special_tokens_mask"], masks["attention_mask"], mask_token_id,
                                      vocab_size, float(mlm_probability), _seed_from(seed, generator), budget == "exact")
     return (masked[0], labels[0]) if squeeze else (masked, labels)

@@ -153,3 +153,15 @@ def test_value_checks_can_be_switched_off():
         MaskedLM(CONFIG)(ids, mask * 1, labels=labels)  # valid input still works
         with pytest.raises(ValueError, match="attention_mask has shape"):
             MaskedLM(CONFIG)(ids, mask[:, :5], labels=labels)
+
+
+def test_input_checks_read_the_batch_three_times(monkeypatch):
+    # Eager value checks of a padded batch with labels: the mask's 0/1 values, the ids'
+    # range and both label rules in one read (each read is a GPU sync per step).
+    from fastmlm.model.inputs import check_encoder_inputs
+    from tests.host_reads import HostReads
+
+    ids, mask, labels = good_batch()
+    with HostReads(monkeypatch) as reads:
+        check_encoder_inputs(CONFIG, ids, mask, None, None, None, labels, None)
+    assert reads.count == 3

@@ -4,6 +4,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastmlm.ops import attention, gather_rows, mask_tokens, masked_positions, mlm_cross_entropy, no_value_checks
+from tests.host_reads import HostReads
 
 
 class NoCustomOpCalled(TorchDispatchMode):
@@ -116,3 +117,23 @@ def test_value_checks_can_be_switched_off():
     x = torch.randn(5, 4)
     with no_value_checks():
         assert gather_rows(x, torch.tensor([4])).shape == (1, 4)
+
+
+def test_value_checks_read_each_checked_tensor_once(monkeypatch):
+    # A range check is one read, not a min() and a max(); self-attention's key
+    # sequences are the query ones, checked once.
+    def reads(fn, *args, **kwargs):
+        with HostReads(monkeypatch) as counter:
+            fn(*args, **kwargs)
+        return counter.count
+
+    x, index = torch.randn(5, 4), torch.tensor([4, 0])
+    assert reads(gather_rows, x, index) == 1
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    assert reads(attention, q, k, v, cu, 4) == 1
+    assert reads(attention, q, k, v, cu, 4, cu_seqlens_k=cu.clone(), max_seqlen_k=4) == 2
+    h, w = torch.randn(3, 8), torch.randn(10, 8)
+    assert reads(mlm_cross_entropy, h, w, torch.tensor([1, 2, -100]), reduction="none") == 1
+    ids = torch.randint(0, 10, (2, 6))
+    assert reads(mask_tokens, ids, mask_token_id=3, vocab_size=10, seed=0) == 1
