@@ -17,9 +17,11 @@ _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 def _layout(cu_q, cu_k, max_q, max_k, causal, total_q):
-    rows_q, _ = padded_rows(cu_q, max_q)
-    rows_k, _ = padded_rows(cu_k, max_k)
-    visible = visibility(cu_q, cu_k, max_q, max_k, causal)
+    # Built in every layer's forward and backward: each index tensor once (self-attention
+    # has the same sequences for queries and keys).
+    rows_q, valid_q = padded_rows(cu_q, max_q)
+    rows_k, valid_k = (rows_q, valid_q) if cu_k is cu_q and max_k == max_q else padded_rows(cu_k, max_k)
+    visible = visibility(cu_q, cu_k, max_q, max_k, causal, valid_q=valid_q, valid_k=valid_k)
     # A query that sees no key (padding, or causal with fewer keys) would make
     # the kernel divide by zero: let it see everything, then zero its output.
     sees_any = visible.any(dim=-1, keepdim=True)

@@ -28,10 +28,16 @@ def packed_coordinates(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tens
     return seq, rows - cu_seqlens.to(torch.int64)[seq]
 
 
-def visibility(cu_q, cu_k, max_q, max_k, causal):
-    """[batch, 1, max_q, max_k] bool: may query i see key j of the same sequence."""
-    _, valid_q = padded_rows(cu_q, max_q)
-    _, valid_k = padded_rows(cu_k, max_k)
+def visibility(cu_q, cu_k, max_q, max_k, causal, *, valid_q=None, valid_k=None):
+    """[batch, 1, max_q, max_k] bool: may query i see key j of the same sequence.
+
+    valid_q / valid_k: `padded_rows(cu_q, max_q)[1]` / `padded_rows(cu_k, max_k)[1]`
+    when the caller has them already.
+    """
+    if valid_q is None:
+        _, valid_q = padded_rows(cu_q, max_q)
+    if valid_k is None:
+        _, valid_k = padded_rows(cu_k, max_k)
     visible = valid_q.view(-1, 1, max_q, 1) & valid_k.view(-1, 1, 1, max_k)
     if causal:
         # Ends aligned: query i of Lq sees key j of Lk when j <= i + Lk - Lq.
