@@ -71,6 +71,18 @@ stage "GPU tests of the compiled kernels and the cross-entropy / head backends o
 run 120 "${PYTEST[@]}" tests/gpu tests/ops/test_backends.py tests/ops/test_dispatch.py \
   -k "cuda and (gpu or cross_entropy or mlm_head or kernel or dispatch)" 2>&1 | tail -8
 
+stage "whole training step: fastmlm and patch_hf against HuggingFace (BERT-base, bf16 autocast)"
+run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$OUT/training_step.json" \
+  --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error"
+python - "$OUT/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    e = b["extra_info"]
+    errors = " ".join(f"{k[6:]}={v:.1e}" for k, v in e.items() if k.startswith("error_"))
+    print(f'{e["variant"]:>12} {b["stats"]["median"] * 1e3:8.2f} ms  {e["real_tokens_per_second"]:10.0f} real tokens/s  '
+          f'peak {e["peak_memory_bytes"] / 2**20:8.1f} MiB  tokens {e["real_tokens"]}/{e["padded_tokens"]}  errors {errors}')
+PY
+
 stage "attention re-measured (SDPA baselines now without .grad accumulation)"
 run 75 "${PYTEST[@]}" benchmarks/test_attention.py --benchmark-only -k "not sweep" \
   --benchmark-json="$OUT/attention.json" --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed"
