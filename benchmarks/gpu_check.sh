@@ -4,21 +4,25 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            (device tool: carry [".wheels"])
 # DEADLINE (seconds, default 540) bounds the whole script: each stage gets what is left of it,
 # up to its own bound, and a stage with under 20 s left is skipped, so the script ends on its
-# own with its log complete. Everything printed also lands in $OUT/gpu_check.log, and each
-# benchmark writes its own JSON as it finishes: a cut run still brings back what finished.
+# own with its log complete. Everything printed also lands in $OUT/gpu_check.log; each
+# benchmark's JSON and each build log go to $RESULTS, which is re-archived into
+# $OUT/results.tar at every stage (the device tool brings back at most 8 files from $OUT), so a
+# cut run still brings back what finished.
 # The Liger-Kernel and Cut Cross-Entropy wheels (pure Python; the GPU machine has no network)
 # go in the gitignored .wheels/ beforehand:
 #   pip download --no-deps -d .wheels liger-kernel cut-cross-entropy
 set -u
 OUT=${OUT:-/tmp/fastmlm-gpu}
 DEADLINE=${DEADLINE:-540}
+RESULTS=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export FASTMLM_CUDA=1 FASTMLM_CUDA_ARCHS=${FASTMLM_CUDA_ARCHS:-90} PYTHONDONTWRITEBYTECODE=1
 start=$(date +%s)
 PYTEST=(python -m pytest -q -rs -o addopts="" -p no:cacheprovider)
 
-stage() { echo; echo "=== $1 ($(( $(date +%s) - start )) s in)"; }
+keep() { tar -cf "$OUT/results.tar" -C "$RESULTS" . 2>/dev/null || echo "WARNING: could not archive $RESULTS"; }
+stage() { keep; echo; echo "=== $1 ($(( $(date +%s) - start )) s in)"; }
 # run BOUND CMD...: CMD under a timeout of min(BOUND, time left before DEADLINE - 10 s).
 run() {
   local bound=$1; shift
@@ -28,15 +32,15 @@ run() {
 }
 
 stage "build (pip install -e ., CUDA kernels for sm_${FASTMLM_CUDA_ARCHS})"
-if ! run 240 pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+if ! run 240 pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1 \
     || ! python -c "import fastmlm._C" 2>/dev/null; then
-  tail -30 "$OUT/build.log"
+  tail -30 "$RESULTS/build.log"
   echo "CUDA build failed: building without the CUDA kernels, so the Triton stages still run"
-  FASTMLM_CUDA=auto run 120 pip install --no-build-isolation --no-deps -e . > "$OUT/build-cpu.log" 2>&1 \
-    || tail -30 "$OUT/build-cpu.log"
+  FASTMLM_CUDA=auto run 120 pip install --no-build-isolation --no-deps -e . > "$RESULTS/build-cpu.log" 2>&1 \
+    || tail -30 "$RESULTS/build-cpu.log"
 fi
 if ls .wheels/*.whl > /dev/null 2>&1; then
-  pip install --no-deps .wheels/*.whl > "$OUT/wheels.log" 2>&1 || { echo "WARNING: wheels did not install:"; tail -5 "$OUT/wheels.log"; }
+  pip install --no-deps .wheels/*.whl > "$RESULTS/wheels.log" 2>&1 || { echo "WARNING: wheels did not install:"; tail -5 "$RESULTS/wheels.log"; }
 else
   echo "WARNING: no .wheels/ (carry it): the liger and cce variants will be skipped"
 fi
@@ -46,8 +50,8 @@ python -m fastmlm info
 stage "sparse MLM head vs HuggingFace, Liger-Kernel, Cut Cross-Entropy (one pytest per variant)"
 for variant in fastmlm hf_dense hf_gathered liger cce fastmlm_deterministic; do
   run 75 "${PYTEST[@]}" "benchmarks/test_mlm_head.py::test_mlm_head_forward_backward[$variant]" --benchmark-only \
-    --benchmark-json="$OUT/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
-  python - "$OUT/mlm_head_$variant.json" <<'PY' 2>/dev/null || echo "$variant: no result"
+    --benchmark-json="$RESULTS/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
+  python - "$RESULTS/mlm_head_$variant.json" <<'PY' 2>/dev/null || echo "$variant: no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -56,6 +60,7 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
           f'extra {e["extra_memory_bytes"] / 2**20:7.1f} MiB  transient {e["transient_memory_bytes"] / 2**20:7.1f} MiB'
           f'  rows {e["masked_rows"]}  errors {errors}')
 PY
+  keep
 done
 
 stage "kernels never run on a GPU before (Triton and CUDA cross-entropy, MLM head)"
@@ -64,17 +69,20 @@ run 180 "${PYTEST[@]}" -x tests/kernels/test_triton_cross_entropy.py tests/kerne
 
 stage "streamed CUDA cross-entropy, masking and gather benchmarks"
 run 75 "${PYTEST[@]}" benchmarks/test_cross_entropy.py benchmarks/test_masking.py benchmarks/test_gather.py \
-  --benchmark-only -k cuda --benchmark-json="$OUT/kernels.json" --benchmark-columns=median,rounds 2>&1 \
+  --benchmark-only -k cuda --benchmark-json="$RESULTS/kernels.json" --benchmark-columns=median,rounds 2>&1 \
   | grep -E "test_|passed|failed"
 
 stage "GPU tests of the compiled kernels and the cross-entropy / head backends on CUDA tensors"
 run 120 "${PYTEST[@]}" tests/gpu tests/ops/test_backends.py tests/ops/test_dispatch.py \
   -k "cuda and (gpu or cross_entropy or mlm_head or kernel or dispatch)" 2>&1 | tail -8
 
+stage "model on the GPU (parity, CUDA graphs with attention dropout, training)"
+run 120 "${PYTEST[@]}" tests/model tests/train -k "cuda or gpu or graph" 2>&1 | tail -8
+
 stage "whole training step: fastmlm and patch_hf against HuggingFace (BERT-base, bf16 autocast)"
-run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$OUT/training_step.json" \
+run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$RESULTS/training_step.json" \
   --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error"
-python - "$OUT/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
+python - "$RESULTS/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -85,8 +93,7 @@ PY
 
 stage "attention re-measured (SDPA baselines now without .grad accumulation)"
 run 75 "${PYTEST[@]}" benchmarks/test_attention.py --benchmark-only -k "not sweep" \
-  --benchmark-json="$OUT/attention.json" --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed"
+  --benchmark-json="$RESULTS/attention.json" --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed"
 
-stage "model on the GPU (parity, CUDA graphs with attention dropout, training)"
-run 120 "${PYTEST[@]}" tests/model tests/train -k "cuda or gpu or graph" 2>&1 | tail -8
+keep
 echo "done in $(( $(date +%s) - start )) s"
