@@ -88,6 +88,8 @@ _PRETRAIN_HELP = {
     "resume": "continue from the newest checkpoint in --out (start fresh if there is none)",
     "stop_after": "end this session after N total steps (resume later with --resume)",
     "compile": "torch.compile the model",
+    "gradient_checkpointing": "keep only each layer's input and recompute the layer in the backward "
+                              "(activation memory of about one layer, for about one more forward pass)",
 }
 
 

@@ -78,8 +78,12 @@ class Layer(nn.Module):
         cu_seqlens_q: Optional[torch.Tensor] = None,
         max_seqlen_q: Optional[int] = None,
         cu_seqlens_k: Optional[torch.Tensor] = None,
+        attention_seed: Optional[int | torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x [T, H] packed -> [T, H], or [len(query_rows), H] with a query subset."""
+        """x [T, H] packed -> [T, H], or [len(query_rows), H] with a query subset.
+
+        attention_seed: the attention-dropout seed (default: drawn here, `dropout_seed`).
+        """
         hidden = x.shape[-1]
         heads, head_dim = self.num_heads, self.head_dim
         if query_rows is None:
@@ -94,8 +98,10 @@ class Layer(nn.Module):
             cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
             cu_q, max_q, max_k = cu_seqlens_q, max_seqlen_q, max_seqlen
         dropout_p = self.attention_dropout if self.training else 0.0
-        a = attention(q, k, v, cu_q, max_q, causal=causal, dropout_p=dropout_p,
-                      seed=dropout_seed(dropout_p, self.training, x.device), cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+        if attention_seed is None:
+            attention_seed = dropout_seed(dropout_p, self.training, x.device)
+        a = attention(q, k, v, cu_q, max_q, causal=causal, dropout_p=dropout_p, seed=attention_seed,
+                      cu_seqlens_k=cu_k, max_seqlen_k=max_k)
         a = self.attn_out(a.reshape(-1, hidden))
         x = self.attn_norm(residual + F.dropout(a, self.hidden_dropout, self.training))
         f = self.ffn_out(activation(self.hidden_act, self.ffn_in(x)))

@@ -67,6 +67,7 @@ class PretrainConfig:
     resume: bool = False
     stop_after: int | None = None  # end this session after this many total steps (schedule still uses `steps`)
     compile: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer in the backward (less activation memory)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "max_length", "vocab_size", "hidden_size", "num_layers", "num_heads",

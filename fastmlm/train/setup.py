@@ -34,6 +34,13 @@ def _round_up(n: int, multiple: int) -> int:
 
 def build_model(config: "PretrainConfig", tokenizer: TextTokenizer, resume_from: Path | None):
     """A MaskedLM: from the resume checkpoint, from --init, or fresh with the configured shape."""
+    model = _new_or_loaded_model(config, tokenizer, resume_from)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _new_or_loaded_model(config: "PretrainConfig", tokenizer: TextTokenizer, resume_from: Path | None):
     from fastmlm import EncoderConfig, MaskedLM
 
     # A causal LM predicts nearly every row: the last-layer subset saves nothing there (and the model refuses it).

@@ -259,3 +259,16 @@ def test_pretrain_on_cuda_bf16_and_resume(tmp_path, corpus_file, tokenizer_file,
     # Same batches, masks and dropout; only the order of floating-point sums
     # (atomics in GPU backward kernels) may differ.
     torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(full.losses), rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_checkpointing_trains_the_same_run(tmp_path, corpus_file, tokenizer_file):
+    # --gradient-checkpointing changes memory, not results: same losses and weights (dropout on).
+    settings = dict(steps=3, hidden_dropout=0.1, attention_dropout=0.1, tokenizer=tokenizer_file)
+    plain = pretrain(_config(tmp_path, corpus_file, "plain", **settings), log=_quiet)
+    checkpointed = pretrain(_config(tmp_path, corpus_file, "checkpointed", gradient_checkpointing=True, **settings),
+                            log=_quiet)
+    assert checkpointed.losses == plain.losses
+    from safetensors.torch import load_file
+    a = load_file(str(plain.encoder_dir / "model.safetensors"))
+    b = load_file(str(checkpointed.encoder_dir / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
