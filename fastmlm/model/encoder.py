@@ -8,15 +8,16 @@ end; the MLM model calls `pack` and `run` itself and never re-pads.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from fastmlm import checkpoint
 from fastmlm.config import EncoderConfig
+from fastmlm.model.activation_checkpointing import ActivationCheckpointing, CheckpointPlan
 from fastmlm.model.embeddings import Embeddings
 from fastmlm.model.inputs import check_encoder_inputs
 from fastmlm.model.layer import Layer, dropout_seed
@@ -65,21 +66,6 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-class EncoderCheckpointingSwitch:
-    """HuggingFace's gradient-checkpointing switch on a model built around `self.encoder`
-    (HuggingFace's Trainer calls it with `gradient_checkpointing=True`)."""
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.encoder.gradient_checkpointing_disable()
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.encoder.gradient_checkpointing
-
-
 def _run_layer(layer, x, cu_seqlens, max_seqlen, causal, query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k,
                attention_seed):
     """One layer, arguments positional (a reentrant checkpoint takes no keywords). Value checks
@@ -90,7 +76,11 @@ def _run_layer(layer, x, cu_seqlens, max_seqlen, causal, query_rows, cu_seqlens_
                      max_seqlen_q=max_seqlen_q, cu_seqlens_k=cu_seqlens_k, attention_seed=attention_seed)
 
 
-class Encoder(nn.Module):
+class Encoder(ActivationCheckpointing, nn.Module):
+    # Activation checkpointing (activation_checkpointing_enable): None, off. A class
+    # default, so an Encoder pickled before the option existed still runs.
+    checkpoint_plan: Optional[CheckpointPlan] = None
+
     def __init__(self, config: EncoderConfig, *, token_capacity: Optional[int] = None, pooler: bool = False):
         """token_capacity: pack padded batches to exactly this many token rows (static shapes).
 
@@ -109,32 +99,10 @@ class Encoder(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.pooler = Pooler(config) if pooler else None
-        self.gradient_checkpointing = False
-        self._checkpoint_kwargs: dict = {}
         init_weights(self, config.initializer_range)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Keep only each layer's input in training and recompute the layer in the backward
-        (HuggingFace's switch, same name): activation memory falls to about one layer's, for
-        about one more forward pass. `gradient_checkpointing_kwargs` go to
-        `torch.utils.checkpoint.checkpoint` (default use_reentrant=False). Attention-dropout
-        seeds are drawn outside the checkpoint; hidden dropout needs preserve_rng_state=True
-        (the default; False is refused when hidden dropout is on)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        unknown = set(kwargs) - {"use_reentrant", "preserve_rng_state", "determinism_check", "debug"}
-        if unknown:
-            raise ValueError(f"gradient_checkpointing_kwargs: unsupported {sorted(unknown)}")
-        if kwargs.get("preserve_rng_state", True) is not True and self.config.hidden_dropout > 0:
-            raise ValueError("gradient_checkpointing_kwargs: preserve_rng_state=False would recompute hidden "
-                             "dropout with other masks than the forward's (wrong gradients); leave it True")
-        self.gradient_checkpointing, self._checkpoint_kwargs = True, kwargs
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self.gradient_checkpointing
+    def _checkpointed_encoder(self) -> "Encoder":
+        return self
 
     def pack(self, input_ids, attention_mask=None, token_type_ids=None, *, cu_seqlens=None,
              max_seqlen=None, labels=None) -> PackedBatch:
@@ -157,16 +125,21 @@ class Encoder(nn.Module):
             return self._layers(x, batch, causal, last_layer_query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k)
 
     def _layers(self, x, batch, causal, last_layer_query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k):
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        plan = self.checkpoint_plan if self.training and torch.is_grad_enabled() else None
+        if plan is not None and plan.reentrant and not x.requires_grad:
+            # A reentrant checkpoint whose input needs no gradient (frozen embeddings) returns
+            # an output without a graph: every layer's gradient would be silently lost.
+            x = x.detach().requires_grad_()
         for i, layer in enumerate(self.layers):
             subset = last_layer_query_rows is not None and i == len(self.layers) - 1
-            args = (x, batch.cu_seqlens, batch.max_seqlen, causal, *(
+            args = (batch.cu_seqlens, batch.max_seqlen, causal, *(
                 (last_layer_query_rows, cu_seqlens_q, max_seqlen_q, cu_seqlens_k) if subset else (None,) * 4))
-            if checkpointing:
+            if plan is not None and plan.covers(i):
+                # Drawn where the plain layer draws it, and outside the recomputation.
                 seed = dropout_seed(layer.attention_dropout, layer.training, x.device)
-                x = torch.utils.checkpoint.checkpoint(_run_layer, layer, *args, seed, **self._checkpoint_kwargs)
+                x = plan.run(functools.partial(_run_layer, layer), x, *args, seed)
             else:
-                x = _run_layer(layer, *args, None)
+                x = _run_layer(layer, x, *args, None)
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,

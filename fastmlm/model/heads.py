@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmlm.model.encoder import Encoder, EncoderCheckpointingSwitch
+from fastmlm.model.activation_checkpointing import ActivationCheckpointing
+from fastmlm.model.encoder import Encoder
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch
 from fastmlm.ops.checks import value_checks_enabled
 
@@ -100,7 +101,7 @@ def mean_over_sequences(hidden: torch.Tensor, batch: PackedBatch, n: int) -> tor
     return sums / lengths.unsqueeze(1).to(sums.dtype)
 
 
-class SequenceClassifier(EncoderCheckpointingSwitch, nn.Module):
+class SequenceClassifier(ActivationCheckpointing, nn.Module):
     def __init__(self, encoder: Encoder, num_labels: int, pooling: str = "cls", *,
                  classifier_dropout: Optional[float] = None):
         """pooling="cls": the [CLS] (first) token, through BERT's pooler (dense + tanh) when the
@@ -191,7 +192,7 @@ def _check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
             raise ValueError(f"labels must be -100 or in [0, {num_labels}), got {int(labels[bad][0])}")
 
 
-class TokenClassifier(EncoderCheckpointingSwitch, nn.Module):
+class TokenClassifier(ActivationCheckpointing, nn.Module):
     def __init__(self, encoder: Encoder, num_labels: int, *, classifier_dropout: Optional[float] = None):
         super().__init__()
         self.dropout = _check_head_args(encoder, num_labels, classifier_dropout)

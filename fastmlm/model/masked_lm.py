@@ -36,7 +36,8 @@ from torch import nn
 
 from fastmlm import checkpoint
 from fastmlm.config import EncoderConfig
-from fastmlm.model.encoder import Encoder, EncoderCheckpointingSwitch, init_weights
+from fastmlm.model.activation_checkpointing import ActivationCheckpointing
+from fastmlm.model.encoder import Encoder, init_weights
 from fastmlm.model.layer import activation
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, append_spare_sequences, shift_labels_within_sequences
 from fastmlm.ops import gather_rows, masked_positions, mlm_cross_entropy, mlm_head
@@ -74,7 +75,7 @@ class MLMHead(nn.Module):
         return F.linear(self.transform(x), decoder_weight, self.bias)
 
 
-class MaskedLM(EncoderCheckpointingSwitch, nn.Module):
+class MaskedLM(ActivationCheckpointing, nn.Module):
     def __init__(self, config: EncoderConfig, *, last_layer_subset: bool = False,
                  mask_capacity: Optional[int] = None, token_capacity: Optional[int] = None,
                  objective: str = "mlm"):

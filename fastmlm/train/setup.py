@@ -36,7 +36,7 @@ def build_model(config: "PretrainConfig", tokenizer: TextTokenizer, resume_from:
     """A MaskedLM: from the resume checkpoint, from --init, or fresh with the configured shape."""
     model = _new_or_loaded_model(config, tokenizer, resume_from)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     return model
 
 
