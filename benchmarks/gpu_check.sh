@@ -21,7 +21,9 @@ export FASTMLM_CUDA=1 FASTMLM_CUDA_ARCHS=${FASTMLM_CUDA_ARCHS:-90} PYTHONDONTWRI
 start=$(date +%s)
 PYTEST=(python -m pytest -q -rs -o addopts="" -p no:cacheprovider)
 
-keep() { tar -cf "$OUT/results.tar" -C "$RESULTS" . 2>/dev/null || echo "WARNING: could not archive $RESULTS"; }
+# Written aside and renamed: a kill while tar runs leaves the previous archive whole.
+keep() { tar -cf "$OUT/results.tar.part" -C "$RESULTS" . 2>/dev/null && mv "$OUT/results.tar.part" "$OUT/results.tar" \
+  || echo "WARNING: could not archive $RESULTS"; }
 stage() { keep; echo; echo "=== $1 ($(( $(date +%s) - start )) s in)"; }
 # run BOUND CMD...: CMD under a timeout of min(BOUND, time left before DEADLINE - 10 s).
 run() {
@@ -81,13 +83,14 @@ run 120 "${PYTEST[@]}" tests/model tests/train -k "cuda or gpu or graph" 2>&1 | 
 
 stage "whole training step: fastmlm and patch_hf against HuggingFace (BERT-base, bf16 autocast)"
 run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$RESULTS/training_step.json" \
-  --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error"
+  --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error|exit|skipped:"
 python - "$RESULTS/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
-    errors = " ".join(f"{k[6:]}={v:.1e}" for k, v in e.items() if k.startswith("error_"))
-    print(f'{e["variant"]:>12} {b["stats"]["median"] * 1e3:8.2f} ms  {e["real_tokens_per_second"]:10.0f} real tokens/s  '
+    errors = " ".join(f"{k[6:]}={v:.1e}" if isinstance(v, float) else f"{k[6:]}={v}"
+                      for k, v in e.items() if k.startswith("error_"))
+    print(f'{e["variant"]:>20} {b["stats"]["median"] * 1e3:8.2f} ms  {e["real_tokens_per_second"]:10.0f} real tokens/s  '
           f'peak {e["peak_memory_bytes"] / 2**20:8.1f} MiB  tokens {e["real_tokens"]}/{e["padded_tokens"]}  errors {errors}')
 PY
 
