@@ -32,6 +32,7 @@ from torch import nn
 
 from fastmlm.model.activation_checkpointing import ActivationCheckpointing
 from fastmlm.model.encoder import Encoder
+from fastmlm.model.outputs import IndexableOutput
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch
 from fastmlm.ops.checks import value_checks_enabled
 
@@ -39,10 +40,12 @@ POOLINGS = ("cls", "mean")
 
 
 @dataclass
-class ClassifierOutput:
+class ClassifierOutput(IndexableOutput):
     """logits: [B, num_labels] (sequence) or [B, S, num_labels] / [T, num_labels] (token);
-    loss: 0-d fp32 when labels were given, else None."""
+    loss: 0-d fp32 when labels were given, else None. Indexes as HuggingFace's output:
+    (loss, logits) with labels, (logits,) without."""
 
+    TUPLE_FIELDS = ("loss", "logits")
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
 

@@ -39,6 +39,7 @@ from fastmlm.config import EncoderConfig
 from fastmlm.model.activation_checkpointing import ActivationCheckpointing
 from fastmlm.model.encoder import Encoder, init_weights
 from fastmlm.model.layer import activation
+from fastmlm.model.outputs import IndexableOutput
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, append_spare_sequences, shift_labels_within_sequences
 from fastmlm.ops import gather_rows, masked_positions, mlm_cross_entropy, mlm_head
 from fastmlm.ops.checks import no_value_checks, value_checks_enabled
@@ -47,9 +48,12 @@ OBJECTIVES = ("mlm", "causal")
 
 
 @dataclass
-class MaskedLMOutput:
+class MaskedLMOutput(IndexableOutput):
     """loss: 0-d fp32. With return_logits: logits [M, vocab]; positions [M] int64, flat indices
-    into input_ids (row-major) of those rows; targets [M] their labels (-100 on capacity padding)."""
+    into input_ids (row-major) of those rows; targets [M] their labels (-100 on capacity padding).
+    Indexes as HuggingFace's output: out[0] / out["loss"] the loss, then the logits if any."""
+
+    TUPLE_FIELDS = ("loss", "logits")
 
     loss: torch.Tensor
     logits: Optional[torch.Tensor] = None

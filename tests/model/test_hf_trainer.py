@@ -1,0 +1,86 @@
+"""fastmlm's models in HuggingFace's Trainer, the training script many users already have."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmlm import MaskedLM, SequenceClassifier
+from fastmlm.config import EncoderConfig
+
+CONFIG = EncoderConfig(vocab_size=90, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                       max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+SEQ = 12
+
+
+def example(i):
+    """A padded example with MLM labels and a class label, as a collator would give it."""
+    gen = torch.Generator().manual_seed(i)
+    length = 4 + i % (SEQ - 4)
+    ids = torch.randint(5, CONFIG.vocab_size, (SEQ,), generator=gen)
+    mask = (torch.arange(SEQ) < length).long()
+    labels = torch.where((torch.rand(SEQ, generator=gen) < 0.3) & mask.bool(), ids, -100)
+    labels[0] = ids[0]
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels, "class_label": i % 3}
+
+
+EXAMPLES = [example(i) for i in range(8)]
+
+
+def trainer(model, tmp_path, examples, **options):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    transformers.logging.set_verbosity_error()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                          per_device_eval_batch_size=4, learning_rate=1e-3, report_to=[],
+                                          use_cpu=True, save_strategy="no", seed=0, **options)
+    return transformers.Trainer(model=model, args=args, train_dataset=examples, eval_dataset=examples)
+
+
+def test_masked_lm_trains_and_evaluates_in_the_trainer(tmp_path):
+    # The Trainer reads outputs as out[0] (the loss) and out[1:], and turns on
+    # activation checkpointing through transformers 5's entry point.
+    torch.manual_seed(0)
+    model = MaskedLM(CONFIG)
+    examples = [{k: v for k, v in e.items() if k != "class_label"} for e in EXAMPLES]
+    run = trainer(model, tmp_path, examples, activation_checkpointing=True)
+    result = run.train()
+    assert model.is_activation_checkpointing and result.global_step == 2
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    # eval_loss: the mean over its batches of 4 (in order) of the model's own loss.
+    model.eval()
+    with torch.no_grad():
+        losses = [model(**{k: torch.stack([e[k] for e in examples[i:i + 4]]) for k in examples[0]}).loss
+                  for i in (0, 4)]
+    assert run.evaluate()["eval_loss"] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+
+
+def test_sequence_classifier_predictions_in_the_trainer(tmp_path):
+    torch.manual_seed(0)
+    model = SequenceClassifier(MaskedLM(CONFIG).encoder, num_labels=3)
+    examples = [{"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": e["class_label"]}
+                for e in EXAMPLES]
+    run = trainer(model, tmp_path, examples)
+    run.train()
+    predictions = run.predict(examples)
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.stack([e["input_ids"] for e in examples]),
+                       torch.stack([e["attention_mask"] for e in examples])).logits
+    assert predictions.predictions.shape == (8, 3)
+    torch.testing.assert_close(torch.as_tensor(predictions.predictions), logits, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_index_as_huggingface_outputs():
+    model = MaskedLM(CONFIG).eval()
+    e = example(1)
+    out = model(e["input_ids"][None], e["attention_mask"][None], labels=e["labels"][None])
+    assert out[0] is out.loss and out["loss"] is out.loss and out.keys() == ["loss"] and out[1:] == ()
+    out = model(e["input_ids"][None], e["attention_mask"][None], labels=e["labels"][None], return_logits=True)
+    assert out.to_tuple() == (out.loss, out.logits) and len(out) == 2
+    with pytest.raises(KeyError, match="no 'positions'"):
+        out["positions"]  # an attribute, not one of HuggingFace's fields
+    classifier = SequenceClassifier(model.encoder, num_labels=3).eval()
+    out = classifier(e["input_ids"][None], e["attention_mask"][None])
+    assert out[0] is out.logits and out.keys() == ["logits"]
+    out = classifier(e["input_ids"][None], e["attention_mask"][None], labels=torch.tensor([1]))
+    assert out[0] is out.loss and out[1] is out.logits
