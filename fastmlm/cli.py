@@ -89,7 +89,7 @@ _PRETRAIN_HELP = {
     "stop_after": "end this session after N total steps (resume later with --resume)",
     "compile": "torch.compile the model",
     "gradient_checkpointing": "keep only each layer's input and recompute the layer in the backward "
-                              "(activation memory of about one layer, for about one more forward pass)",
+                              "(the layers' activations are not held, for about one more forward pass)",
 }
 
 
