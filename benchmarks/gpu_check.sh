@@ -8,6 +8,8 @@
 # benchmark's JSON and each build log go to $RESULTS, which is re-archived into
 # $OUT/results.tar at every stage (the device tool brings back at most 8 files from $OUT), so a
 # cut run still brings back what finished.
+# STAGES (default: all) names the stages to run after the build, e.g. STAGES="training_step attention"
+# for a second call: head kernels kernel_benchmarks gpu_tests model training_step attention.
 # The Liger-Kernel and Cut Cross-Entropy wheels (pure Python; the GPU machine has no network)
 # go in the gitignored .wheels/ beforehand:
 #   pip download --no-deps -d .wheels liger-kernel cut-cross-entropy
@@ -24,7 +26,12 @@ PYTEST=(python -m pytest -q -rs -o addopts="" -p no:cacheprovider)
 # Written aside and renamed: a kill while tar runs leaves the previous archive whole.
 keep() { tar -cf "$OUT/results.tar.part" -C "$RESULTS" . 2>/dev/null && mv "$OUT/results.tar.part" "$OUT/results.tar" \
   || echo "WARNING: could not archive $RESULTS"; }
-stage() { keep; echo; echo "=== $1 ($(( $(date +%s) - start )) s in)"; }
+# stage KEY TITLE: announce a stage; false (skip it) when STAGES is set and does not name KEY.
+stage() {
+  keep
+  if [[ -n "${STAGES:-}" && " $STAGES " != *" $1 "* ]]; then echo; echo "=== $2: not in STAGES"; return 1; fi
+  echo; echo "=== $2 ($(( $(date +%s) - start )) s in)"
+}
 # run BOUND CMD...: CMD under a timeout of min(BOUND, time left before DEADLINE - 10 s).
 run() {
   local bound=$1; shift
@@ -33,7 +40,8 @@ run() {
   timeout $(( bound < left ? bound : left )) "$@" || echo "(exit $?)"
 }
 
-stage "build (pip install -e ., CUDA kernels for sm_${FASTMLM_CUDA_ARCHS})"
+# The build always runs: every call gets a bare machine.
+echo "=== build (pip install -e ., CUDA kernels for sm_${FASTMLM_CUDA_ARCHS})"
 if ! run 240 pip install --no-build-isolation --no-deps -e . > "$RESULTS/build.log" 2>&1 \
     || ! python -c "import fastmlm._C" 2>/dev/null; then
   tail -30 "$RESULTS/build.log"
@@ -49,11 +57,11 @@ fi
 python -c "import transformers, pytest_benchmark" || echo "WARNING: transformers or pytest-benchmark missing"
 python -m fastmlm info
 
-stage "sparse MLM head vs HuggingFace, Liger-Kernel, Cut Cross-Entropy (one pytest per variant)"
-for variant in fastmlm hf_dense hf_gathered liger cce fastmlm_deterministic; do
-  run 75 "${PYTEST[@]}" "benchmarks/test_mlm_head.py::test_mlm_head_forward_backward[$variant]" --benchmark-only \
-    --benchmark-json="$RESULTS/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
-  python - "$RESULTS/mlm_head_$variant.json" <<'PY' 2>/dev/null || echo "$variant: no result"
+if stage head "sparse MLM head vs HuggingFace, Liger-Kernel, Cut Cross-Entropy (one pytest per variant)"; then
+  for variant in fastmlm hf_dense hf_gathered liger cce fastmlm_deterministic; do
+    run 75 "${PYTEST[@]}" "benchmarks/test_mlm_head.py::test_mlm_head_forward_backward[$variant]" --benchmark-only \
+      --benchmark-json="$RESULTS/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
+    python - "$RESULTS/mlm_head_$variant.json" <<'PY' 2>/dev/null || echo "$variant: no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -62,29 +70,34 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
           f'extra {e["extra_memory_bytes"] / 2**20:7.1f} MiB  transient {e["transient_memory_bytes"] / 2**20:7.1f} MiB'
           f'  rows {e["masked_rows"]}  errors {errors}')
 PY
-  keep
-done
+    keep
+  done
+fi
 
-stage "kernels never run on a GPU before (Triton and CUDA cross-entropy, MLM head)"
-run 180 "${PYTEST[@]}" -x tests/kernels/test_triton_cross_entropy.py tests/kernels/test_triton_mlm_head.py \
-  tests/kernels/test_compiled_cross_entropy.py tests/kernels/test_compiled_mlm_head.py 2>&1 | tail -15
+if stage kernels "kernels never run on a GPU before (Triton and CUDA cross-entropy, MLM head)"; then
+  run 180 "${PYTEST[@]}" -x tests/kernels/test_triton_cross_entropy.py tests/kernels/test_triton_mlm_head.py \
+    tests/kernels/test_compiled_cross_entropy.py tests/kernels/test_compiled_mlm_head.py 2>&1 | tail -15
+fi
 
-stage "streamed CUDA cross-entropy, masking and gather benchmarks"
-run 75 "${PYTEST[@]}" benchmarks/test_cross_entropy.py benchmarks/test_masking.py benchmarks/test_gather.py \
-  --benchmark-only -k cuda --benchmark-json="$RESULTS/kernels.json" --benchmark-columns=median,rounds 2>&1 \
-  | grep -E "test_|passed|failed"
+if stage kernel_benchmarks "streamed CUDA cross-entropy, masking and gather benchmarks"; then
+  run 75 "${PYTEST[@]}" benchmarks/test_cross_entropy.py benchmarks/test_masking.py benchmarks/test_gather.py \
+    --benchmark-only -k cuda --benchmark-json="$RESULTS/kernels.json" --benchmark-columns=median,rounds 2>&1 \
+    | grep -E "test_|passed|failed"
+fi
 
-stage "GPU tests of the compiled kernels and the cross-entropy / head backends on CUDA tensors"
-run 120 "${PYTEST[@]}" tests/gpu tests/ops/test_backends.py tests/ops/test_dispatch.py \
-  -k "cuda and (gpu or cross_entropy or mlm_head or kernel or dispatch)" 2>&1 | tail -8
+if stage gpu_tests "GPU tests of the compiled kernels and the cross-entropy / head backends on CUDA tensors"; then
+  run 120 "${PYTEST[@]}" tests/gpu tests/ops/test_backends.py tests/ops/test_dispatch.py \
+    -k "cuda and (gpu or cross_entropy or mlm_head or kernel or dispatch)" 2>&1 | tail -8
+fi
 
-stage "model on the GPU (parity, CUDA graphs with attention dropout, training)"
-run 120 "${PYTEST[@]}" tests/model tests/train -k "cuda or gpu or graph" 2>&1 | tail -8
+if stage model "model on the GPU (parity, CUDA graphs with attention dropout, training)"; then
+  run 120 "${PYTEST[@]}" tests/model tests/train -k "cuda or gpu or graph" 2>&1 | tail -8
+fi
 
-stage "whole training step: fastmlm and patch_hf against HuggingFace (BERT-base, bf16 autocast)"
-run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$RESULTS/training_step.json" \
-  --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error|exit|skipped:"
-python - "$RESULTS/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
+if stage training_step "whole training step: fastmlm and patch_hf against HuggingFace (BERT-base, bf16 autocast)"; then
+  run 150 "${PYTEST[@]}" benchmarks/test_training_step.py --benchmark-only --benchmark-json="$RESULTS/training_step.json" \
+    --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed|Error|exit|skipped:"
+  python - "$RESULTS/training_step.json" <<'PY' 2>/dev/null || echo "training step: no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -93,10 +106,12 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f'{e["variant"]:>20} {b["stats"]["median"] * 1e3:8.2f} ms  {e["real_tokens_per_second"]:10.0f} real tokens/s  '
           f'peak {e["peak_memory_bytes"] / 2**20:8.1f} MiB  tokens {e["real_tokens"]}/{e["padded_tokens"]}  errors {errors}')
 PY
+fi
 
-stage "attention re-measured (SDPA baselines now without .grad accumulation)"
-run 75 "${PYTEST[@]}" benchmarks/test_attention.py --benchmark-only -k "not sweep" \
-  --benchmark-json="$RESULTS/attention.json" --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed"
+if stage attention "attention re-measured (SDPA baselines now without .grad accumulation)"; then
+  run 75 "${PYTEST[@]}" benchmarks/test_attention.py --benchmark-only -k "not sweep" \
+    --benchmark-json="$RESULTS/attention.json" --benchmark-columns=median,rounds 2>&1 | grep -E "test_|passed|failed"
+fi
 
 keep
 echo "done in $(( $(date +%s) - start )) s"
