@@ -79,7 +79,25 @@ class MLMHead(nn.Module):
         return F.linear(self.transform(x), decoder_weight, self.bias)
 
 
+def _check_item_count(count) -> None:
+    """A positive int or a one-element tensor (not read: on a GPU that would be a sync)."""
+    if count is None:
+        return
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1 or count.dtype == torch.bool or count.is_complex():
+            raise ValueError(f"num_items_in_batch must be a one-element number tensor, got {count.dtype} "
+                             f"{tuple(count.shape)}")
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_items_in_batch must be a positive int or a one-element tensor, got {count!r}")
+
+
 class MaskedLM(ActivationCheckpointing, nn.Module):
+    # HuggingFace's Trainer passes `num_items_in_batch` (the labelled tokens of all the
+    # micro-batches of one optimiser step) to a model that says it takes it, and then
+    # leaves the loss unscaled: accumulated gradients are those of the whole batch's mean.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: EncoderConfig, *, last_layer_subset: bool = False,
                  mask_capacity: Optional[int] = None, token_capacity: Optional[int] = None,
                  objective: str = "mlm"):
@@ -112,9 +130,13 @@ class MaskedLM(ActivationCheckpointing, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 return_logits: bool = False, *, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> MaskedLMOutput:
+                max_seqlen: Optional[int] = None,
+                num_items_in_batch: Optional[int | torch.Tensor] = None) -> MaskedLMOutput:
+        """num_items_in_batch: divide the summed loss by this count instead of this batch's
+        number of labelled rows (HuggingFace's Trainer passes it under gradient accumulation)."""
         if self.head is None:
             raise RuntimeError("this MaskedLM's head was dropped (drop_head); use the returned Encoder")
+        _check_item_count(num_items_in_batch)
         causal = self.objective == "causal"
         if labels is None and not causal:
             raise ValueError("MaskedLM needs labels (-100 where nothing is predicted)")
@@ -156,30 +178,34 @@ class MaskedLM(ActivationCheckpointing, nn.Module):
         # rows come from masked_positions and labels were range-checked by pack():
         # the head ops need not read them back from the device again.
         with no_value_checks():
-            self._head_outputs(out, hidden, head_rows, rows, targets, batch, word, return_logits)
+            self._head_outputs(out, hidden, head_rows, rows, targets, batch, word, return_logits,
+                               "mean" if num_items_in_batch is None else "sum")
+        if num_items_in_batch is not None:  # the loss above is a sum
+            count = num_items_in_batch.reshape(()) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+            out.loss = out.loss / count
         return out
 
-    def _head_outputs(self, out, hidden, head_rows, rows, targets, batch, word, return_logits) -> None:
+    def _head_outputs(self, out, hidden, head_rows, rows, targets, batch, word, return_logits,
+                      reduction) -> None:
         if return_logits:
             out.logits = self.head.logits(gather_rows(hidden, head_rows), word)
             out.positions = batch.flat_index(rows)
             out.targets = targets
-            labelled = targets != IGNORE_INDEX
             row_loss = F.cross_entropy(out.logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            out.loss = row_loss / labelled.sum().clamp(min=1)
+            out.loss = row_loss if reduction == "sum" else row_loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
         else:
-            out.loss = self._loss(hidden, head_rows, targets)
+            out.loss = self._loss(hidden, head_rows, targets, reduction)
 
-    def _loss(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
         head, word = self.head, self.encoder.embeddings.word.weight
         if self.config.hidden_act == "gelu":
             return mlm_head(hidden, rows, head.dense.weight, head.dense.bias, head.norm.weight, head.norm.bias,
-                            word, head.bias, targets, layer_norm_eps=self.config.layer_norm_eps)
+                            word, head.bias, targets, layer_norm_eps=self.config.layer_norm_eps, reduction=reduction)
         # Other activations: the head in plain torch on the gathered rows, then the fused loss.
         # Under autocast x (LayerNorm's output), word and bias are all fp32 here and the
         # loss op's autocast rule casts them together; casting x alone would split dtypes.
         x = head.transform(gather_rows(hidden, rows))
-        return mlm_cross_entropy(x, word, targets, head.bias)
+        return mlm_cross_entropy(x, word, targets, head.bias, reduction=reduction)
 
     def _query_sequences(self, batch: PackedBatch, rows: torch.Tensor, count: torch.Tensor,
                          capacity: Optional[int]):

@@ -30,9 +30,9 @@ def trainer(model, tmp_path, examples, **options):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     transformers.logging.set_verbosity_error()
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
-                                          per_device_eval_batch_size=4, learning_rate=1e-3, report_to=[],
-                                          use_cpu=True, save_strategy="no", seed=0, **options)
+    options = {"max_steps": 2, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+               "learning_rate": 1e-3, "report_to": [], "use_cpu": True, "save_strategy": "no", "seed": 0, **options}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), **options)
     return transformers.Trainer(model=model, args=args, train_dataset=examples, eval_dataset=examples)
 
 
@@ -84,3 +84,42 @@ def test_outputs_index_as_huggingface_outputs():
     assert out[0] is out.logits and out.keys() == ["logits"]
     out = classifier(e["input_ids"][None], e["attention_mask"][None], labels=torch.tensor([1]))
     assert out[0] is out.loss and out[1] is out.logits
+
+
+def test_num_items_in_batch_makes_accumulated_gradients_the_whole_batchs():
+    # Two micro-batches, each loss a sum over its labelled rows divided by the count of
+    # both (what the Trainer passes): their accumulated gradients are the whole batch's mean.
+    torch.manual_seed(0)
+    model = MaskedLM(CONFIG).train()
+    batch = {k: torch.stack([e[k] for e in EXAMPLES]) for k in ("input_ids", "attention_mask", "labels")}
+    model(**batch).loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    count = (batch["labels"] != -100).sum()
+    for half in (slice(0, 3), slice(3, 8)):  # unequal halves with unequal label counts
+        model(**{k: v[half] for k, v in batch.items()}, num_items_in_batch=count).loss.backward()
+    for name, grad in whole.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-7)
+    # The same count as an int, on the logits path too.
+    full = model(**batch, return_logits=True).loss
+    torch.testing.assert_close(model(**batch, num_items_in_batch=int(count), return_logits=True).loss, full)
+    for bad in (0, -3, 2.5, True, torch.ones(2), torch.tensor(True)):
+        with pytest.raises(ValueError, match="num_items_in_batch must be"):
+            model(**batch, num_items_in_batch=bad)
+
+
+def test_trainer_accumulates_with_the_whole_batch_count(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedLM(CONFIG)
+    examples = [{k: v for k, v in e.items() if k != "class_label"} for e in EXAMPLES]
+    counts = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: counts.append(kwargs.get("num_items_in_batch")),
+                                    with_kwargs=True)
+    run = trainer(model, tmp_path, examples, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    assert run.model_accepts_loss_kwargs
+    result = run.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    # Each micro-batch got the labelled count of its optimiser step's two micro-batches.
+    assert len(counts) == 4 and all(c is not None for c in counts)
+    assert counts[0] == counts[1] and counts[2] == counts[3]
+    assert int(counts[0]) + int(counts[2]) == sum(int((e["labels"] != -100).sum()) for e in examples)
