@@ -16,6 +16,13 @@
 set -u
 OUT=${OUT:-/tmp/fastmlm-gpu}
 DEADLINE=${DEADLINE:-540}
+ALL_STAGES="head kernels kernel_benchmarks gpu_tests model training_step attention"
+STAGES=${STAGES:-}
+STAGES=${STAGES//,/ }
+read -ra names <<< "$STAGES"  # no globbing of the names
+for name in "${names[@]}"; do  # a misspelt stage would spend a whole call on the build alone
+  [[ " $ALL_STAGES " == *" $name "* ]] || { echo "unknown stage '$name' in STAGES (known: $ALL_STAGES)"; exit 2; }
+done
 RESULTS=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1

@@ -93,10 +93,14 @@ def _check_item_count(count) -> None:
 
 
 class MaskedLM(ActivationCheckpointing, nn.Module):
-    # HuggingFace's Trainer passes `num_items_in_batch` (the labelled tokens of all the
-    # micro-batches of one optimiser step) to a model that says it takes it, and then
-    # leaves the loss unscaled: accumulated gradients are those of the whole batch's mean.
-    accepts_loss_kwargs = True
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """HuggingFace's Trainer passes `num_items_in_batch` (the labelled tokens of all the
+        micro-batches of one optimiser step) to a model that says it takes it, and then
+        leaves the loss unscaled: accumulated gradients are those of the whole batch's mean.
+        Not for the causal objective: the Trainer counts labels the model shifts within
+        each sequence (a sequence's first label is never predicted), so its count is off."""
+        return self.objective == "mlm"
 
     def __init__(self, config: EncoderConfig, *, last_layer_subset: bool = False,
                  mask_capacity: Optional[int] = None, token_capacity: Optional[int] = None,
@@ -181,7 +185,9 @@ class MaskedLM(ActivationCheckpointing, nn.Module):
             self._head_outputs(out, hidden, head_rows, rows, targets, batch, word, return_logits,
                                "mean" if num_items_in_batch is None else "sum")
         if num_items_in_batch is not None:  # the loss above is a sum
-            count = num_items_in_batch.reshape(()) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+            count = num_items_in_batch
+            if isinstance(count, torch.Tensor):  # a step without labels gives 0: a zero loss, as the mean's
+                count = count.reshape(()).clamp(min=1)
             out.loss = out.loss / count
         return out
 

@@ -30,3 +30,9 @@ class IndexableOutput:
 
     def __len__(self) -> int:
         return len(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self.keys() else default

@@ -75,6 +75,7 @@ def test_outputs_index_as_huggingface_outputs():
     e = example(1)
     out = model(e["input_ids"][None], e["attention_mask"][None], labels=e["labels"][None])
     assert out[0] is out.loss and out["loss"] is out.loss and out.keys() == ["loss"] and out[1:] == ()
+    assert "loss" in out and "logits" not in out and out.get("logits") is None and out.get("loss") is out.loss
     out = model(e["input_ids"][None], e["attention_mask"][None], labels=e["labels"][None], return_logits=True)
     assert out.to_tuple() == (out.loss, out.logits) and len(out) == 2
     with pytest.raises(KeyError, match="no 'positions'"):
@@ -103,6 +104,14 @@ def test_num_items_in_batch_makes_accumulated_gradients_the_whole_batchs():
     # The same count as an int, on the logits path too.
     full = model(**batch, return_logits=True).loss
     torch.testing.assert_close(model(**batch, num_items_in_batch=int(count), return_logits=True).loss, full)
+    # A step whose micro-batches have no labels at all: a zero loss and gradients, not NaN.
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    model.zero_grad()
+    loss = model(**unlabelled, num_items_in_batch=torch.tensor(0)).loss
+    loss.backward()
+    assert float(loss.detach()) == 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert not MaskedLM(CONFIG, objective="causal").accepts_loss_kwargs  # the Trainer's count would be off
     for bad in (0, -3, 2.5, True, torch.ones(2), torch.tensor(True)):
         with pytest.raises(ValueError, match="num_items_in_batch must be"):
             model(**batch, num_items_in_batch=bad)
