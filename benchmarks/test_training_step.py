@@ -10,7 +10,7 @@ Variants:
                 script (unpadded, fused attention, sparse head);
   * fastmlm:    `MaskedLM(config, last_layer_subset=True)` with the same weights (the last
                 layer computes queries and feed-forward at labelled rows only);
-  * fastmlm_checkpointed: the same with `gradient_checkpointing_enable()` (each layer
+  * fastmlm_checkpointed: the same with `activation_checkpointing_enable()` (each layer
                 recomputed in the backward: what memory it saves, what time it costs).
 Sizes: GPU, BERT-base (12 layers, H = 768) under bf16 autocast with fp32 weights (what
 `Trainer(bf16=True)` does), 32 sequences of 32-512 tokens, dropout 0.1 everywhere. CPU, a
@@ -84,7 +84,7 @@ def fastmlm_model(hf):
 
 def fastmlm_checkpointed_model(hf):
     model = fastmlm_model(hf)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     return model
 
 
