@@ -27,6 +27,13 @@ Outputs, and where they differ from HuggingFace's (never silently elsewhere):
   (loss,) or (loss, logits) or (logits,), then hidden states if asked for.
 - A batch with no labelled position has loss 0 (HuggingFace: NaN). Labels at
   padding positions are an error (HuggingFace would score them).
+- `num_items_in_batch` (HuggingFace's Trainer passes it under gradient
+  accumulation, because BertForMaskedLM.forward takes **kwargs) divides the
+  summed loss, so accumulated gradients are the whole step's mean. HuggingFace's
+  BertForMaskedLM (transformers 5.24) ignores it while the Trainer skips its own
+  division by the accumulation steps: with N > 1 steps its loss and gradients are
+  about N times too large (transformers issue #47688). Without gradient
+  accumulation the count is the batch's own and both agree.
 - `output_hidden_states=True`: the embedding output and every layer's, padded
   as `last_hidden_state`.
 
@@ -53,13 +60,14 @@ import torch.utils.checkpoint
 
 from fastmlm.config import EncoderConfig
 from fastmlm.model.inputs import check_encoder_inputs
+from fastmlm.model.item_count import ItemCount, check_item_count, divide_by_item_count
 from fastmlm.model.layer import dropout_seed
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, unpad
 from fastmlm.ops import attention, gather_rows, masked_positions, mlm_cross_entropy, mlm_head
 from fastmlm.ops.checks import check_index_range, no_value_checks, value_checks_enabled
 
 _MARK = "_fastmlm_patch"
-# Keyword arguments HuggingFace's BERT accepts and ignores; ignoring them here changes nothing.
+# Keyword arguments HuggingFace's BertModel accepts and ignores (it computes no loss).
 _IGNORED_KWARGS = ("num_items_in_batch",)
 
 
@@ -268,11 +276,13 @@ def _check_column_zero_is_real(attention_mask) -> None:
 def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, *,
                        labels=None, output_logits=None, inputs_embeds=None, encoder_hidden_states=None,
                        encoder_attention_mask=None, head_mask=None, output_attentions=None,
-                       output_hidden_states=None, return_dict=None, **kwargs):
+                       output_hidden_states=None, return_dict=None, num_items_in_batch: ItemCount = None,
+                       **kwargs):
     from transformers.modeling_outputs import MaskedLMOutput
 
     patch: _Patch = getattr(self, _MARK)
     _check_kwargs(kwargs)
+    check_item_count(num_items_in_batch)
     _reject(inputs_embeds=inputs_embeds, encoder_hidden_states=encoder_hidden_states,
             encoder_attention_mask=encoder_attention_mask, head_mask=head_mask,
             output_attentions=_resolve(output_attentions, self.config, "output_attentions"))
@@ -287,26 +297,30 @@ def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids
         logits = batch.repad(packed_logits)
         if labels is not None:
             targets = batch.gather(labels.to(torch.int64), IGNORE_INDEX)
-            total = F.cross_entropy(packed_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            loss = F.cross_entropy(packed_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / (targets != IGNORE_INDEX).sum().clamp(min=1)
     else:
         targets = batch.gather(labels.to(torch.int64), IGNORE_INDEX)
         rows, _ = masked_positions(targets)
-        loss = _sparse_loss(self, hidden, rows, targets[rows])
+        loss = _sparse_loss(self, hidden, rows, targets[rows], "mean" if num_items_in_batch is None else "sum")
+    if loss is not None and num_items_in_batch is not None:  # the loss above is a sum
+        loss = divide_by_item_count(loss, num_items_in_batch)
     out = MaskedLMOutput(loss=loss, logits=logits,
                          hidden_states=tuple(batch.repad(s) for s in states) if keep_all else None)
     return out if _resolve(return_dict, self.config, "return_dict", True) else out.to_tuple()
 
 
-def _sparse_loss(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean MLM cross-entropy of the labelled rows, never forming logits for the others."""
+def _sparse_loss(model, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 reduction: str) -> torch.Tensor:
+    """MLM cross-entropy (mean or sum) of the labelled rows, never forming logits for the others."""
     predictions = model.cls.predictions
     transform, decoder = predictions.transform, predictions.decoder
     bias = decoder.bias if decoder.bias is not None else predictions.bias
     if model.config.hidden_act == "gelu":  # HuggingFace's "gelu" is the erf GELU the fused head computes
         return mlm_head(hidden, rows, transform.dense.weight, transform.dense.bias, transform.LayerNorm.weight,
                         transform.LayerNorm.bias, decoder.weight, bias, targets,
-                        layer_norm_eps=transform.LayerNorm.eps)
+                        layer_norm_eps=transform.LayerNorm.eps, reduction=reduction)
     x = transform(gather_rows(hidden, rows))  # HuggingFace's own activation, on the labelled rows
     # Under autocast x, weight and bias are fp32 and the loss op's autocast rule casts all three.
-    return mlm_cross_entropy(x, decoder.weight, targets, bias)
+    return mlm_cross_entropy(x, decoder.weight, targets, bias, reduction=reduction)

@@ -38,6 +38,7 @@ from fastmlm import checkpoint
 from fastmlm.config import EncoderConfig
 from fastmlm.model.activation_checkpointing import ActivationCheckpointing
 from fastmlm.model.encoder import Encoder, init_weights
+from fastmlm.model.item_count import ItemCount, check_item_count, divide_by_item_count
 from fastmlm.model.layer import activation
 from fastmlm.model.outputs import IndexableOutput
 from fastmlm.model.packing import IGNORE_INDEX, PackedBatch, append_spare_sequences, shift_labels_within_sequences
@@ -77,19 +78,6 @@ class MLMHead(nn.Module):
 
     def logits(self, x: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
         return F.linear(self.transform(x), decoder_weight, self.bias)
-
-
-def _check_item_count(count) -> None:
-    """A positive int or a one-element tensor (not read: on a GPU that would be a sync)."""
-    if count is None:
-        return
-    if isinstance(count, torch.Tensor):
-        if count.numel() != 1 or count.dtype == torch.bool or count.is_complex():
-            raise ValueError(f"num_items_in_batch must be a one-element number tensor, got {count.dtype} "
-                             f"{tuple(count.shape)}")
-        return
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"num_items_in_batch must be a positive int or a one-element tensor, got {count!r}")
 
 
 class MaskedLM(ActivationCheckpointing, nn.Module):
@@ -135,12 +123,12 @@ class MaskedLM(ActivationCheckpointing, nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 return_logits: bool = False, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None,
-                num_items_in_batch: Optional[int | torch.Tensor] = None) -> MaskedLMOutput:
+                num_items_in_batch: ItemCount = None) -> MaskedLMOutput:
         """num_items_in_batch: divide the summed loss by this count instead of this batch's
         number of labelled rows (HuggingFace's Trainer passes it under gradient accumulation)."""
         if self.head is None:
             raise RuntimeError("this MaskedLM's head was dropped (drop_head); use the returned Encoder")
-        _check_item_count(num_items_in_batch)
+        check_item_count(num_items_in_batch)
         causal = self.objective == "causal"
         if labels is None and not causal:
             raise ValueError("MaskedLM needs labels (-100 where nothing is predicted)")
@@ -185,10 +173,7 @@ class MaskedLM(ActivationCheckpointing, nn.Module):
             self._head_outputs(out, hidden, head_rows, rows, targets, batch, word, return_logits,
                                "mean" if num_items_in_batch is None else "sum")
         if num_items_in_batch is not None:  # the loss above is a sum
-            count = num_items_in_batch
-            if isinstance(count, torch.Tensor):  # a step without labels gives 0: a zero loss, as the mean's
-                count = count.reshape(()).clamp(min=1)
-            out.loss = out.loss / count
+            out.loss = divide_by_item_count(out.loss, num_items_in_batch)
         return out
 
     def _head_outputs(self, out, hidden, head_rows, rows, targets, batch, word, return_logits,

@@ -132,3 +132,36 @@ def test_trainer_accumulates_with_the_whole_batch_count(tmp_path):
     assert len(counts) == 4 and all(c is not None for c in counts)
     assert counts[0] == counts[1] and counts[2] == counts[3]
     assert int(counts[0]) + int(counts[2]) == sum(int((e["labels"] != -100).sum()) for e in examples)
+
+
+def test_patched_huggingface_model_accumulates_as_one_batch(tmp_path):
+    # HuggingFace's BertForMaskedLM takes **kwargs, so the Trainer hands it the step's label
+    # count and does not divide by the accumulation steps; transformers 5.24's BERT ignores
+    # the count (its gradients come out ~2x here). The patched model divides by it.
+    transformers = pytest.importorskip("transformers")
+    from fastmlm import patch_hf
+
+    config = transformers.BertConfig(**CONFIG.to_hf())
+    examples = [{k: v for k, v in e.items() if k != "class_label"} for e in EXAMPLES[:4]]
+
+    def step_gradients(accumulation):
+        torch.manual_seed(0)
+        model = patch_hf(transformers.BertForMaskedLM(config))
+        grads = {}
+
+        class Grab(transformers.TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        # One optimiser step over all four examples: the order the Trainer draws them in does not matter.
+        run = trainer(model, tmp_path, examples, max_steps=1, per_device_train_batch_size=4 // accumulation,
+                      gradient_accumulation_steps=accumulation, max_grad_norm=0)
+        run.add_callback(Grab())
+        run.train()
+        return grads
+
+    once, accumulated = step_gradients(1), step_gradients(2)
+    assert once.keys() == accumulated.keys() and once
+    for name, grad in once.items():
+        if not name.endswith("attention.self.key.bias"):  # zero up to rounding
+            assert float((accumulated[name] - grad).norm() / grad.norm()) < 1e-5, name

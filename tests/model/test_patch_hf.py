@@ -289,3 +289,32 @@ def test_no_labelled_position_gives_zero_loss():
     ids, mask, types = padded_batch(config, 43, batch=2, seq=6)
     loss = model(ids, mask, types, labels=torch.full_like(ids, IGNORE_INDEX)).loss
     assert loss.item() == 0.0
+
+
+@pytest.mark.parametrize("output_logits", [False, True])
+def test_num_items_in_batch_makes_accumulated_gradients_the_whole_batchs(output_logits):
+    # What HuggingFace's Trainer does under gradient accumulation: each micro-batch's
+    # summed loss over the step's labelled count, the gradients accumulated.
+    config = tiny_config(44)
+    model = fastmlm.patch_hf(hf_twin(transformers.BertForMaskedLM, config, 44), output_logits=output_logits)
+    ids, mask, types = padded_batch(config, 44, batch=5, seq=10)
+    labels = random_labels(ids, mask, 44)
+    model(ids, mask, types, labels=labels).loss.backward()
+    whole = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    count = (labels != IGNORE_INDEX).sum()
+    for half in (slice(0, 2), slice(2, 5)):
+        loss = model(ids[half], mask[half], types[half], labels=labels[half], num_items_in_batch=count).loss
+        loss.backward()
+    params = dict(model.named_parameters())
+    for name, grad in whole.items():
+        if not name.endswith("attention.self.key.bias"):  # zero up to rounding (check_all_grads)
+            check(params[name].grad, grad, f"grad {name}", "cpu")
+    # A batch's own count (the Trainer without accumulation) gives the mean; no labels at all, 0.
+    torch.testing.assert_close(model(ids, mask, types, labels=labels, num_items_in_batch=int(count)).loss,
+                               model(ids, mask, types, labels=labels).loss)
+    unlabelled = torch.full_like(labels, IGNORE_INDEX)
+    assert model(ids, mask, types, labels=unlabelled, num_items_in_batch=torch.tensor(0)).loss.item() == 0.0
+    for bad in (0, 1.5, torch.ones(3)):
+        with pytest.raises(ValueError, match="num_items_in_batch must be"):
+            model(ids, mask, types, labels=labels, num_items_in_batch=bad)
