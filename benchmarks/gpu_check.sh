@@ -64,11 +64,9 @@ fi
 python -c "import transformers, pytest_benchmark" || echo "WARNING: transformers or pytest-benchmark missing"
 python -m fastmlm info
 
-if stage head "sparse MLM head vs HuggingFace, Liger-Kernel, Cut Cross-Entropy (one pytest per variant)"; then
-  for variant in fastmlm hf_dense hf_gathered liger cce fastmlm_deterministic; do
-    run 75 "${PYTEST[@]}" "benchmarks/test_mlm_head.py::test_mlm_head_forward_backward[$variant]" --benchmark-only \
-      --benchmark-json="$RESULTS/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
-    python - "$RESULTS/mlm_head_$variant.json" <<'PY' 2>/dev/null || echo "$variant: no result"
+# head_summary JSON: one line per MLM-head benchmark in a pytest-benchmark JSON file.
+head_summary() {
+  python - "$1" <<'PY' 2>/dev/null || echo "$(basename "$1" .json): no result"
 import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     e = b["extra_info"]
@@ -77,8 +75,19 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
           f'extra {e["extra_memory_bytes"] / 2**20:7.1f} MiB  transient {e["transient_memory_bytes"] / 2**20:7.1f} MiB'
           f'  rows {e["masked_rows"]}  errors {errors}')
 PY
+}
+
+if stage head "sparse MLM head vs HuggingFace, Liger-Kernel, Cut Cross-Entropy (one pytest per variant)"; then
+  for variant in fastmlm hf_dense hf_gathered liger cce fastmlm_deterministic; do
+    run 75 "${PYTEST[@]}" "benchmarks/test_mlm_head.py::test_mlm_head_forward_backward[$variant]" --benchmark-only \
+      --benchmark-json="$RESULTS/mlm_head_$variant.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
+    head_summary "$RESULTS/mlm_head_$variant.json"
     keep
   done
+  echo "--- 64 x 512 tokens (~4900 rows): atomic against deterministic backward at a pre-training batch"
+  run 90 "${PYTEST[@]}" benchmarks/test_mlm_head.py -k large_batch --benchmark-only \
+    --benchmark-json="$RESULTS/mlm_head_large.json" 2>&1 | grep -E "passed|failed|skipped|Error|error" | tail -3
+  head_summary "$RESULTS/mlm_head_large.json"
 fi
 
 if stage kernels "kernels never run on a GPU before (Triton and CUDA cross-entropy, MLM head)"; then
