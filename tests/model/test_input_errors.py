@@ -105,6 +105,44 @@ def test_bad_packed_input(no_ops_may_run):
         encoder(long_ids, cu_seqlens=torch.tensor([0, 3, 20], dtype=torch.int32))
     with pytest.raises(ValueError, match="exceeds max_seqlen"):
         encoder(ids, cu_seqlens=torch.tensor([0, 4, 10], dtype=torch.int32), max_seqlen=5)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(TypeError, match="cu_seqlens must be a torch.Tensor"):
+        encoder(ids, cu_seqlens=[0, 4, 10])
+    with pytest.raises(ValueError, match="cu_seqlens is on meta"):
+        encoder(ids, cu_seqlens=cu.to("meta"))
+    with pytest.raises(TypeError, match="max_seqlen must be an int"):
+        encoder(ids, cu_seqlens=cu, max_seqlen=6.0)
+    with pytest.raises(ValueError, match="packed input_ids must be 1-D"):
+        encoder(ids.view(2, 5), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="max_seqlen is only for packed input"):
+        encoder(ids.view(2, 5), max_seqlen=5)
+    # Without value checks (compiling, capturing) the longest sequence cannot be read from cu_seqlens.
+    with no_value_checks(), pytest.raises(ValueError, match="needs max_seqlen when value checks are off"):
+        encoder(ids, cu_seqlens=cu)
+
+
+def test_packed_input_reads_max_seqlen_from_cu_seqlens():
+    # With value checks on, a packed call may leave out max_seqlen: the longest sequence is
+    # read from cu_seqlens, and the result is the padded batch's at its real tokens.
+    encoder = Encoder(CONFIG).eval()
+    ids, mask, _ = good_batch()
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    packed = encoder(ids[mask.bool()], cu_seqlens=cu)
+    padded = encoder(ids, mask)[mask.bool()]
+    torch.testing.assert_close(packed, padded)
+    torch.testing.assert_close(encoder(ids[mask.bool()], cu_seqlens=cu, max_seqlen=6), packed)
+
+
+def test_inputs_of_the_wrong_kind_or_device(no_ops_may_run):
+    ids, mask, labels = good_batch()
+    with pytest.raises(TypeError, match="input_ids must be a torch.Tensor"):
+        Encoder(CONFIG)(ids.tolist(), mask)
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        Encoder(CONFIG)(ids, mask.tolist())
+    with pytest.raises(ValueError, match="attention_mask is on meta"):
+        Encoder(CONFIG)(ids, mask.to("meta"))
+    with pytest.raises(ValueError, match="labels is on meta"):
+        MaskedLM(CONFIG)(ids, mask, labels=labels.to("meta"))
 
 
 def test_capacities_overflow():

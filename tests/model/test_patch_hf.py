@@ -318,3 +318,19 @@ def test_num_items_in_batch_makes_accumulated_gradients_the_whole_batchs(output_
     for bad in (0, 1.5, torch.ones(3)):
         with pytest.raises(ValueError, match="num_items_in_batch must be"):
             model(ids, mask, types, labels=labels, num_items_in_batch=bad)
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "relu"])
+def test_masked_lm_with_another_activation(hidden_act):
+    # The fused head computes the erf GELU; with any other activation the patched model runs
+    # HuggingFace's own head transform on the labelled rows, then the sparse loss.
+    config = tiny_config(45, hidden_act=hidden_act)
+    model, reference = patched_pair(transformers.BertForMaskedLM, config, 45, "cpu")
+    ids, mask, types = padded_batch(config, 45, batch=3, seq=10)
+    labels = random_labels(ids, mask, 45)
+    expected = reference(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    actual = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    check(actual.loss, expected.loss, "loss", "cpu")
+    expected.loss.backward()
+    actual.loss.backward()
+    check_all_grads(model, reference, "cpu")

@@ -64,6 +64,20 @@ def test_mlm_head_checks():
     rejects(ValueError, "z_loss", mlm_head, hidden_all, index, *params, targets, z_loss=float("inf"))
     rejects(ValueError, "decoder_weight has shape", mlm_head, hidden_all, index, *params[:4], torch.randn(10, 7),
             params[5], targets)
+    rejects(ValueError, "no features", mlm_head, torch.randn(5, 0), index, *[p[..., :0] for p in params[:4]],
+            torch.randn(10, 0), params[5], targets)
+    rejects(ValueError, "dense_weight has shape \\(8, 7\\)", mlm_head, hidden_all, index, torch.randn(8, 7),
+            *params[1:], targets)
+    rejects(ValueError, "norm_bias has shape", mlm_head, hidden_all, index, *params[:3], torch.zeros(9), *params[4:],
+            targets)
+    rejects(ValueError, "vocabulary is empty", mlm_head, hidden_all, index, *params[:4], torch.randn(0, 8),
+            torch.zeros(0), targets)
+    rejects(ValueError, "decoder_bias has 9 entries", mlm_head, hidden_all, index, *params[:5], torch.zeros(9),
+            targets)
+    rejects(TypeError, "decoder_weight has dtype torch.float64", mlm_head, hidden_all, index, *params[:4],
+            params[4].double(), params[5], targets)
+    rejects(ValueError, "targets has 3 entries but index selects 2", mlm_head, hidden_all, index, *params,
+            torch.tensor([1, 2, 3]))
 
 
 def test_attention_checks():

@@ -136,3 +136,35 @@ def test_upstream_gradient_is_not_rounded_to_the_input_dtype(dtype, upstream):
         (mlm_cross_entropy(hidden, w, targets, reduction="sum") * upstream).backward()
     assert torch.isfinite(w.grad).all()
     assert_close(w.grad, w64.grad.to(dtype), dtype, "weight gradient")
+
+
+def _summed_op_args(family):
+    """Arguments of a direct call of `fastmlm::<family>_summed` (scale 0.25) on fresh inputs."""
+    g = torch.Generator().manual_seed(8)
+    width, vocab, rows = 16, 37, 7
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[1] = IGNORE
+    decoder = (torch.randn(vocab, width, generator=g) * 0.25, torch.randn(vocab, generator=g))
+    options = (IGNORE, 0.1, 1e-3, 0.25)  # ignore_index, label_smoothing, z_loss, scale
+    if family == "mlm_cross_entropy":
+        return (torch.randn(rows, width, generator=g), decoder[0], decoder[1], targets, *options)
+    head = (torch.randn(width, width, generator=g) * 0.25, torch.randn(width, generator=g),
+            1 + 0.1 * torch.randn(width, generator=g), torch.randn(width, generator=g))
+    hidden_all, index = torch.randn(11, width, generator=g), torch.tensor([0, 4, 4, 10, 2, 7, 5])
+    return (hidden_all, index, *head, *decoder, targets, 1e-12, *options)
+
+
+@pytest.mark.parametrize("family", list(PROBLEMS))
+def test_summed_op_runs_a_backend_without_a_fused_path(family):
+    # Called directly, the summed op takes any backend: one without `forward_backward` (the
+    # torch reference here) runs its forward, then its backward with every row weighted by
+    # the scale. Its loss, log-sum-exp and gradients are those of the fused `cpu` path.
+    op = getattr(torch.ops.fastmlm, f"{family}_summed")
+    args = _summed_op_args(family)
+    with use_backend("torch", family):
+        unfused = op(*args)
+    with use_backend("cpu", family):
+        fused = op(*args)
+    assert len(unfused) == len(fused)
+    for i, (got, want) in enumerate(zip(unfused, fused)):
+        assert_close(got, want, torch.float32, f"output {i}")
