@@ -161,6 +161,13 @@ def cuda_build(monkeypatch):
     monkeypatch.setattr(_ext, "cuda_device_count", device_count)
     monkeypatch.setattr(_ext, "cuda_architectures", lambda: state["archs"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # With is_available() True, torch 2.11's FakeTensor allocates a real tensor on each
+    # device a fake CUDA tensor names (2.13 only on the current accelerator): without a
+    # driver, or at cuda:1 on a one-GPU machine, that fails. The tests' fake tensors need no GPU.
+    from torch._subclasses import fake_tensor
+
+    monkeypatch.setattr(fake_tensor, "init_gpu_context", lambda device: None)
+
     def capability(device=None):  # a dict gives each device index its own
         if isinstance(state["capability"], dict):
             return state["capability"][0 if device is None else torch.device(device).index]
