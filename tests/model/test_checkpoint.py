@@ -163,6 +163,18 @@ def test_config_round_trip_and_bert_config():
             EncoderConfig.from_hf({**config.to_hf(), **bad})
 
 
+def test_config_save_writes_a_config_json_transformers_reads(tmp_path):
+    config = tiny_config(26, hidden_act="relu")
+    config.save(tmp_path / "config.json", architecture="BertForMaskedLM")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # the temporary file was renamed
+    assert EncoderConfig.from_hf(tmp_path) == config  # a directory holding config.json
+    hf = transformers.BertConfig.from_pretrained(tmp_path)
+    assert hf.architectures == ["BertForMaskedLM"]
+    assert (hf.num_hidden_layers, hf.hidden_act, hf.vocab_size) == (config.num_layers, "relu", config.vocab_size)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        EncoderConfig.from_hf(tmp_path / "elsewhere")
+
+
 def test_classifier_dropout_comes_from_the_config_as_in_hf():
     from fastmlm import SequenceClassifier, TokenClassifier
 

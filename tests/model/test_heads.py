@@ -84,6 +84,7 @@ def test_sequence_classifier_matches_bert_for_sequence_classification(seed, toke
     assert actual.logits.shape == (5, num_labels)
     check(actual.logits, expected.logits, "logits", device)
     check(actual.loss, expected.loss, "loss", device)
+    check(ours.loss(actual.logits.detach(), labels.to(device)), expected.loss, "loss()", device)
     expected.loss.backward()
     actual.loss.backward()
     check_grads(ours, hf.bert, hf.classifier, device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from fastmlm.config import ACTIVATIONS
 from fastmlm.model import Encoder, MaskedLM
 from tests.model.helpers import (
     TOLERANCE,
@@ -93,6 +94,23 @@ def test_masked_lm_matches_bert_for_masked_lm(seed, options, device):
     check_grads(ours, hf, device)
 
 
+@pytest.mark.parametrize("hidden_act", ACTIVATIONS)
+def test_masked_lm_matches_bert_for_masked_lm_with_every_activation(hidden_act):
+    # The layers' feed-forward and (for a non-erf GELU) the head's transform run the
+    # configured activation; the erf GELU's head goes through the fused mlm_head.
+    config = tiny_config(7, hidden_act=hidden_act, num_layers=2)
+    hf = hf_twin(transformers.BertForMaskedLM, config, 7)
+    ours = copy_from_hf(MaskedLM(config), hf).eval()
+    ids, mask, types = padded_batch(config, 7, batch=3, seq=10)
+    labels = random_labels(ids, mask, 7)
+    expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels)
+    actual = ours(ids, mask, types, labels=labels)
+    check(actual.loss, expected.loss, "loss", "cpu")
+    expected.loss.backward()
+    actual.loss.backward()
+    check_grads(ours, hf, "cpu")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("last_layer_subset", [False, True])
 def test_logits_for_labelled_positions_only(last_layer_subset, device):
@@ -132,11 +150,12 @@ def test_packed_input_matches_each_sequence_alone(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("seed", [8, 9])
-def test_causal_objective_matches_bert_lm_head_model(seed, device):
+@pytest.mark.parametrize("seed, token_capacity", [(8, None), (9, None), (8, 47)])
+def test_causal_objective_matches_bert_lm_head_model(seed, token_capacity, device):
+    # With token_capacity the packed rows past the real tokens are spare ones: never labels.
     config = tiny_config(seed)
     hf = hf_twin(transformers.BertLMHeadModel, config, seed, "eager", is_decoder=True)
-    ours = copy_from_hf(MaskedLM(config, objective="causal"), hf).to(device).eval()
+    ours = copy_from_hf(MaskedLM(config, objective="causal", token_capacity=token_capacity), hf).to(device).eval()
     ids, mask, types = padded_batch(config, seed, batch=4, seq=min(10, config.max_position_embeddings))
     labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
 
